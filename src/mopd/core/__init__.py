@@ -1,0 +1,1 @@
+"""Pure algorithm: peer selection, teacher prompts, losses. Imports torch and the standard library only."""
