@@ -1,0 +1,412 @@
+"""Run reports: plots and a Markdown summary built from a run's ``metrics.jsonl``.
+
+:func:`write_report` reads the rows the trainer logged and writes, into the run folder:
+
+- ``training.png``: up to three panels against the training step: rollout reward and
+  success rate, distillation and total loss, and the share of rollouts whose teacher saw
+  a peer context. Long, noisy runs are drawn faint per step with a centred moving
+  average on top.
+- ``eval.png``: evaluation mean@K, pass@1 and pass@K against the step, only when the run
+  logged ``eval/*`` rows.
+- ``report.md``: title, configuration table, first-versus-last evaluation table, mean
+  per-step time breakdown, and the images by relative link (the folder stays browsable
+  when moved or zipped).
+
+A metric the run never logged is left out (its line, panel or figure) rather than drawn
+empty; files from an earlier report that no longer apply are removed. If a step was
+logged twice, the later row wins. :func:`summary_table` and :func:`eval_summary_rows`
+give the evaluation comparison as plain fixed-width text for a terminal.
+Plots use matplotlib's Agg canvas directly (no pyplot global state, no display needed).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from mopd.reporting.sinks import METRICS_FILE, atomic_write, read_metrics
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
+Row = Mapping[str, Any]
+REPORT_FILE = "report.md"
+TRAINING_PNG = "training.png"
+EVAL_PNG = "eval.png"
+_DPI = 120
+_EVAL_KEY = re.compile(r"^eval/(mean|pass)@(\d+)$")
+_TIME_ORDER = ("generate", "verify", "teacher", "student", "optimizer")  # pipeline order
+
+
+@dataclass(frozen=True)
+class _Line:
+    key: str
+    label: str
+    style: str = "-"
+    marker: str = "o"
+    width: float = 1.6
+
+
+@dataclass(frozen=True)
+class _Panel:
+    title: str
+    ylabel: str
+    lines: tuple[_Line, ...]
+    fraction: bool = False  # values live in [0, 1]: show the whole range, runs stay comparable
+
+
+_TRAINING_PANELS = (
+    _Panel(
+        "Rollouts",
+        "reward (0-1)",
+        (
+            _Line("rollout/reward_mean", "mean reward"),
+            _Line("rollout/success_rate", "success rate"),
+            _Line("rollout/mixed_group_fraction", "groups with successes and failures", "--"),
+        ),
+        fraction=True,
+    ),
+    _Panel(
+        "Loss",
+        "loss",
+        (_Line("loss/distill", "distillation"), _Line("loss/total", "total", "--")),
+    ),
+    _Panel(
+        "Teacher context",
+        "fraction of rollouts (0-1)",
+        (
+            _Line("teacher/context_fraction", "teacher saw peers (rest: no loss)"),
+            _Line("teacher/truncated_fraction", "teacher prompt shortened", "--"),
+        ),
+        fraction=True,
+    ),
+)
+
+
+def _number(value: Any) -> float | None:
+    """`value` as a finite float; None for missing, null, nan and non-numbers."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _series(rows: Sequence[Row], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of `key`, sorted by step, finite values only, later rows win."""
+    by_step: dict[int, float] = {}
+    for row in rows:
+        value = _number(row.get(key))
+        if value is not None:
+            by_step[int(row["step"])] = value
+    steps = sorted(by_step)
+    return steps, [by_step[step] for step in steps]
+
+
+def _eval_keys(rows: Sequence[Row]) -> list[str]:
+    """``eval/*`` names in display order: mean@K then pass@K by K, then any others."""
+
+    def order(key: str) -> tuple[int, str, int, str]:
+        match = _EVAL_KEY.match(key)
+        return (0, match[1], int(match[2]), key) if match else (1, "", 0, key)
+
+    return sorted({key for row in rows for key in row if key.startswith("eval/")}, key=order)
+
+
+def _first_last_eval(rows: Sequence[Row]) -> tuple[Row, Row] | None:
+    eval_rows = sorted(
+        (row for row in rows if any(key.startswith("eval/") for key in row)),
+        key=lambda row: row["step"],
+    )
+    return (eval_rows[0], eval_rows[-1]) if eval_rows else None
+
+
+def _fmt(value: float | None, spec: str = ".4f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def eval_summary_rows(metrics_rows: Sequence[Row]) -> list[tuple[str, str, str]]:
+    """(metric, before, after) for each ``eval/*`` metric of the first and last eval rows.
+
+    Metric names lose their ``eval/`` prefix; values have 4 decimals, ``n/a`` if missing.
+    Empty when the run logged no evaluation.
+    """
+    pair = _first_last_eval(metrics_rows)
+    if pair is None:
+        return []
+    first, last = pair
+    return [
+        (key.removeprefix("eval/"), _fmt(_number(first.get(key))), _fmt(_number(last.get(key))))
+        for key in _eval_keys(pair)
+    ]
+
+
+def summary_table(
+    rows: Sequence[Sequence[str]], headers: Sequence[str] = ("metric", "before", "after")
+) -> str:
+    """Plain fixed-width table: first column left-aligned, the others right-aligned.
+
+    Any column count works as long as every row matches `headers`.
+    """
+    table = [tuple(headers), *(tuple(row) for row in rows)]
+    for row in table[1:]:
+        if len(row) != len(headers):
+            raise ValueError(f"row {row!r} has {len(row)} cells, headers have {len(headers)}")
+    widths = [max(len(row[col]) for row in table) for col in range(len(headers))]
+
+    def render(cells: Sequence[str]) -> str:
+        padded = [
+            cell.ljust(width) if col == 0 else cell.rjust(width)
+            for col, (cell, width) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return "  ".join(padded).rstrip()
+
+    rule = "  ".join("-" * width for width in widths)
+    return "\n".join([render(table[0]), rule, *(render(row) for row in table[1:])])
+
+
+def _smoothing_window(n_points: int) -> int:
+    """Odd centred window: none below 40 points, about 5% of the run above."""
+    return 2 * (n_points // 40) + 1
+
+
+def _moving_average(values: Sequence[float], window: int) -> np.ndarray:
+    """Centred mean over `window` points, shrinking at the ends (no edge dip towards 0)."""
+    kernel = np.ones(window)
+    sums = np.convolve(np.asarray(values, dtype=np.float64), kernel, mode="same")
+    counts = np.convolve(np.ones(len(values)), kernel, mode="same")
+    return sums / counts
+
+
+def _draw_lines(ax: Axes, rows: Sequence[Row], lines: Sequence[_Line], smooth: bool) -> int:
+    """Plot each line that has data; returns the number of smoothing steps used (1 = none)."""
+    from matplotlib.ticker import MaxNLocator
+
+    used_window, all_steps = 1, []
+    for color, line in enumerate(lines):
+        steps, values = _series(rows, line.key)
+        if not steps:
+            continue
+        all_steps += steps
+        window = _smoothing_window(len(steps)) if smooth else 1
+        used_window = max(used_window, window)
+        style: dict[str, Any] = {"color": f"C{color}", "linestyle": line.style, "label": line.label}
+        if window > 1:
+            ax.plot(steps, values, color=f"C{color}", alpha=0.25, linewidth=0.8)
+            ax.plot(steps, _moving_average(values, window), linewidth=line.width + 0.2, **style)
+        else:  # thick lines get big markers, so thin lines drawn on top stay visible
+            marker: dict[str, Any] = {"marker": line.marker, "markersize": 1.5 + 1.3 * line.width}
+            ax.plot(steps, values, linewidth=line.width, **marker, **style)
+    if all_steps and max(all_steps) == min(all_steps):  # one step: avoid a +-0.05 step axis
+        ax.set_xlim(all_steps[0] - 1, all_steps[0] + 1)
+    ax.grid(True, alpha=0.3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(loc="best", fontsize="small", framealpha=0.85)
+    return used_window
+
+
+def _fit_fraction_axis(ax: Axes) -> None:
+    low, high = ax.get_ylim()
+    ax.set_ylim(min(low, -0.03), max(high, 1.03))
+
+
+def _has_data(rows: Sequence[Row], lines: Sequence[_Line]) -> bool:
+    return any(_series(rows, line.key)[0] for line in lines)
+
+
+def _png_bytes(figure: Any) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(figure)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=_DPI)
+    return buffer.getvalue()
+
+
+def _training_png(rows: Sequence[Row], title: str) -> bytes | None:
+    from matplotlib.figure import Figure
+
+    panels = [panel for panel in _TRAINING_PANELS if _has_data(rows, panel.lines)]
+    if not panels:
+        return None
+    figure = Figure(figsize=(9.0, 2.9 * len(panels) + 0.9), layout="constrained")
+    axes = figure.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    window = 1
+    for ax, panel in zip(axes, panels, strict=True):
+        window = max(window, _draw_lines(ax, rows, panel.lines, smooth=True))
+        ax.set_title(panel.title, loc="left", fontweight="bold")
+        ax.set_ylabel(panel.ylabel)
+        if panel.fraction:
+            _fit_fraction_axis(ax)
+    axes[-1].set_xlabel("step")
+    note = f"\nfaint: every step, bold: {window}-step moving average" if window > 1 else ""
+    figure.suptitle(f"{title}: training{note}")
+    return _png_bytes(figure)
+
+
+def _eval_line(key: str) -> _Line:
+    kind, k = key.removeprefix("eval/").split("@")
+    if kind == "mean":
+        return _Line(key, f"mean@{k}: mean reward of {k} samples", "-", "o", 2.8)
+    chance = "a sample succeeds" if k == "1" else f"one of {k} samples succeeds"
+    return _Line(key, f"pass@{k}: P({chance})", "--", "s", 1.4)
+
+
+def _eval_png(rows: Sequence[Row], title: str) -> bytes | None:
+    from matplotlib.figure import Figure
+
+    # With 0/1 rewards pass@1 equals mean@K: mean lines are drawn thick and pass lines
+    # thin and dashed on top, so coinciding curves stay distinguishable.
+    lines = [_eval_line(key) for key in _eval_keys(rows) if _EVAL_KEY.match(key)]
+    if not _has_data(rows, lines):
+        return None
+    figure = Figure(figsize=(9.0, 4.4), layout="constrained")
+    ax = figure.subplots()
+    _draw_lines(ax, rows, lines, smooth=False)  # evaluations are few: show every point
+    _fit_fraction_axis(ax)
+    ax.set_title(f"{title}: evaluation", loc="left", fontweight="bold")
+    ax.set_xlabel("step")
+    ax.set_ylabel("score (0-1)")
+    return _png_bytes(figure)
+
+
+def _cell(value: Any) -> str:
+    text = format(value, "g") if isinstance(value, float) else str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Markdown table; every column after the first is right-aligned (numbers)."""
+    align = ["---", *(["---:"] * (len(headers) - 1))]
+    lines = [headers, align, *rows]
+    return "\n".join("| " + " | ".join(_cell(cell) for cell in line) + " |" for line in lines)
+
+
+def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in mapping.items():
+        if isinstance(value, Mapping):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _eval_section(rows: Sequence[Row], has_plot: bool) -> str:
+    pair = _first_last_eval(rows)
+    if pair is None:
+        return (
+            "## Evaluation\n\nNo evaluation rows were logged (no `eval/*` metrics), "
+            "so there is no evaluation table or plot."
+        )
+    first, last = pair
+    table_rows = []
+    for key in _eval_keys(pair):
+        before, after = _number(first.get(key)), _number(last.get(key))
+        change = None if before is None or after is None else after - before
+        table_rows.append(
+            (key.removeprefix("eval/"), _fmt(before), _fmt(after), _fmt(change, "+.4f"))
+        )
+    headers = ("metric", f"first (step {first['step']})", f"last (step {last['step']})", "change")
+    parts = ["## Evaluation", _md_table(headers, table_rows)]
+    if has_plot:
+        parts.append(f"![Evaluation scores against training step]({EVAL_PNG})")
+    return "\n\n".join(parts)
+
+
+def _training_section(has_plot: bool) -> str:
+    if not has_plot:
+        return (
+            "## Training curves\n\nNo rollout, loss or teacher metrics were logged, "
+            "so there is no training plot."
+        )
+    return f"## Training curves\n\n![Training curves against step]({TRAINING_PNG})"
+
+
+def _timing_section(rows: Sequence[Row]) -> str:
+    phases = {key.removeprefix("time/") for row in rows for key in row if key.startswith("time/")}
+    if not phases:
+        return "## Time per step\n\nNo `time/*` metrics were logged."
+    ordered = [p for p in _TIME_ORDER if p in phases]
+    ordered += sorted(phases - {*_TIME_ORDER, "step"})
+    means = {p: _mean(_series(rows, f"time/{p}")[1]) for p in [*ordered, "step"]}
+    total = means["step"] if "step" in phases else None
+    itemised = [(p, means[p]) for p in ordered]
+    if total is not None:
+        rest = total - sum(m for _, m in itemised if m is not None)
+        if rest > 0.005 * total:
+            itemised.append(("other (not itemised)", rest))
+        itemised.append(("step (total)", total))
+    table_rows = [
+        (name, _fmt(mean, ".2f"), _fmt(None if not total or mean is None else mean / total, ".1%"))
+        for name, mean in itemised
+    ]
+    parts = [
+        "## Time per step",
+        "Mean seconds per step over the steps that logged each phase.",
+        _md_table(("phase", "mean (s)", "share of step"), table_rows),
+    ]
+    throughput = _mean(_series(rows, "perf/tokens_per_s")[1])
+    if throughput is not None:
+        parts.append(f"Throughput: {throughput:,.0f} tokens/s (mean of `perf/tokens_per_s`).")
+    return "\n\n".join(parts)
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _overview(rows: Sequence[Row]) -> str:
+    if not rows:
+        return "The run has not logged any metrics yet."
+    steps = [int(row["step"]) for row in rows]
+    n_eval = sum(1 for row in rows if any(key.startswith("eval/") for key in row))
+    return (
+        f"{len(rows)} metric rows from step {min(steps)} to step {max(steps)}, "
+        f"{n_eval} of them with evaluation results. Source: `{METRICS_FILE}`."
+    )
+
+
+def _put_or_remove(path: Path, data: bytes | None) -> bool:
+    """Write `data` atomically, or delete a stale file when there is nothing to show."""
+    if data is None:
+        path.unlink(missing_ok=True)
+        return False
+    atomic_write(path, data)
+    return True
+
+
+def write_report(
+    run_dir: str | os.PathLike[str],
+    *,
+    title: str | None = None,
+    config_summary: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``report.md``, ``training.png`` and ``eval.png`` into `run_dir`; returns the report path.
+
+    `config_summary`: settings to show as a table (nested mappings become dotted keys).
+    """
+    run_dir = Path(run_dir)
+    metrics_path = run_dir / METRICS_FILE
+    if not metrics_path.is_file():
+        raise FileNotFoundError(
+            f"{metrics_path} does not exist: point write_report at a run folder written by "
+            "`mopd train` (it holds metrics.jsonl)"
+        )
+    rows = sorted(read_metrics(metrics_path), key=lambda row: row["step"])
+    title = title or f"Run {run_dir.resolve().name}"
+    has_training = _put_or_remove(run_dir / TRAINING_PNG, _training_png(rows, title))
+    has_eval = _put_or_remove(run_dir / EVAL_PNG, _eval_png(rows, title))
+    sections = [f"# {title}", _overview(rows)]
+    if config_summary:
+        settings = _md_table(("setting", "value"), list(_flatten(config_summary)))
+        sections += ["## Configuration", settings]
+    sections += [_eval_section(rows, has_eval), _training_section(has_training)]
+    sections.append(_timing_section(rows))
+    report_path = run_dir / REPORT_FILE
+    atomic_write(report_path, ("\n\n".join(sections) + "\n").encode("utf-8"))
+    return report_path
