@@ -38,3 +38,16 @@ def make_tiny_model(tokenizer, *, seed: int = 0, layers: int = 2, hidden: int = 
 @pytest.fixture
 def tiny_model(tokenizer):
     return make_tiny_model(tokenizer)
+
+
+# One thread: on small shared CPUs, several torch threads per test process are much slower.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A tiny random model saved as a Hugging Face folder, usable as `model.name`."""
+    path = tmp_path_factory.mktemp("tiny-model")
+    make_tiny_model(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

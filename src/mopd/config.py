@@ -1,0 +1,483 @@
+"""The run configuration: nested dataclasses are the single source of truth.
+
+A configuration is resolved in four layers, later ones winning:
+
+1. dataclass defaults below,
+2. the method preset (``method: grpo`` etc., see ``METHOD_PRESETS``),
+3. a YAML recipe (``--config FILE.yaml`` or a packaged recipe name such as ``demo``),
+4. ``key=value`` overrides from the command line (dotted paths, YAML-typed values).
+
+Every field is range-checked in ``__post_init__`` with a message that names the field, and
+unknown keys fail before any model loads, naming the nearest valid keys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import types
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from mopd.core.peers import PeerConfig
+from mopd.core.prompts import TeacherTemplates
+
+METHODS = ("mopd", "mopd-2s", "sdpo", "grpo", "opd", "dpo", "simpo", "sft")
+LOSS_KINDS = ("distill", "grpo", "dpo", "simpo", "sft")
+TEACHER_KINDS = ("ema", "trust-region", "external")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key the user must change."""
+
+
+def _check(condition: bool, name: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{name}: {message}")
+
+
+def _one_of(value: object, name: str, allowed: Sequence[object]) -> None:
+    _check(value in allowed, name, f"got {value!r}, expected one of {list(allowed)}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "packaged:smollm2-135m-instruct"  # HF id, local folder, or packaged:NAME
+    dtype: str = "float32"
+    cache_dir: str | None = None  # default: $MOPD_CACHE or ~/.cache/mopd
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "model.name", "must not be empty")
+        _one_of(self.dtype, "model.dtype", ("float32", "bfloat16"))
+
+
+@dataclass
+class TaskConfig:
+    name: str = "arithmetic"  # built-in name or "package.module:factory"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "task.name", "must not be empty")
+        _check(isinstance(self.options, dict), "task.options", "must be a mapping")
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"
+    n: int = 8  # G: rollouts per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    batch_size: int = 64  # rows per generate call
+
+    def __post_init__(self) -> None:
+        _one_of(self.engine, "rollout.engine", ("hf",))
+        _check(self.n >= 1, "rollout.n", f"must be >= 1, got {self.n}")
+        _check(self.temperature > 0, "rollout.temperature", "must be > 0")
+        _check(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+        _check(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+        _check(self.batch_size >= 1, "rollout.batch_size", "must be >= 1")
+
+
+@dataclass
+class TeacherConfig:
+    kind: str = "ema"
+    ema_rate: float = 0.05  # 0 = frozen copy of the initial student
+    trust_region_mix: float = 0.5  # c in lerp(initial, student, c)
+    external_model: str | None = None
+    use_context: bool = True  # False: the teacher sees only the question (standard OPD)
+    max_prompt_tokens: int = 2048
+    templates: TeacherTemplates = field(default_factory=TeacherTemplates)
+
+    def __post_init__(self) -> None:
+        _one_of(self.kind, "teacher.kind", TEACHER_KINDS)
+        _check(0 <= self.ema_rate <= 1, "teacher.ema_rate", "must be in [0, 1]")
+        _check(0 <= self.trust_region_mix <= 1, "teacher.trust_region_mix", "must be in [0, 1]")
+        _check(
+            self.kind != "external" or bool(self.external_model),
+            "teacher.external_model",
+            "teacher.kind=external needs a model id or folder",
+        )
+        _check(self.max_prompt_tokens >= 16, "teacher.max_prompt_tokens", "must be >= 16")
+
+
+@dataclass
+class LossConfig:
+    kind: str = "distill"
+    topk: int | None = 100  # None = full vocabulary
+    add_tail: bool = True
+    alpha: float = 0.5  # 0 forward KL, 1 reverse KL, between: generalised JSD
+    estimator: str = "topk"  # "topk" (top-k/full divergence) or "sampled-token" (reverse KL only)
+    aggregation: str = "token-mean"
+    is_clip: float | None = None  # truncated importance weight cap; None = off
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    normalize_std: bool = False
+    beta: float = 0.1  # DPO beta
+    simpo_beta: float = 2.0
+    simpo_gamma: float = 0.5
+    grpo_mix: float = 0.0  # lambda of (1-lambda)·GRPO + lambda·distill when kind=grpo
+
+    def __post_init__(self) -> None:
+        _one_of(self.kind, "loss.kind", LOSS_KINDS)
+        _check(self.topk is None or self.topk >= 1, "loss.topk", "must be >= 1 or null")
+        _check(0 <= self.alpha <= 1, "loss.alpha", "must be in [0, 1]")
+        _one_of(self.estimator, "loss.estimator", ("topk", "sampled-token"))
+        _check(
+            self.estimator != "sampled-token" or self.alpha == 1.0,
+            "loss.estimator",
+            "sampled-token is a reverse-KL estimator: set loss.alpha=1",
+        )
+        _one_of(
+            self.aggregation,
+            "loss.aggregation",
+            ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"),
+        )
+        _check(self.is_clip is None or self.is_clip > 0, "loss.is_clip", "must be > 0 or null")
+        _check(0 <= self.clip_low < 1, "loss.clip_low", "must be in [0, 1)")
+        _check(self.clip_high >= 0, "loss.clip_high", "must be >= 0")
+        _check(0 <= self.grpo_mix <= 1, "loss.grpo_mix", "must be in [0, 1]")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 10
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # type: ignore[assignment]  # YAML gives a list
+        _check(self.lr > 0, "optim.lr", "must be > 0")
+        _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        _check(len(self.betas) == 2, "optim.betas", "needs two values")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _check(self.grad_clip > 0, "optim.grad_clip", "must be > 0")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 20
+    prompts_per_step: int = 4  # P
+    micro_batch_size: int = 8  # rollouts per forward/backward: bounds peak memory
+    seed: int = 0
+    threads: int | None = 1  # torch threads; 1 is fastest on small shared CPUs
+    checkpoint_every: int = 0  # 0 = only at the end
+    save_rollouts: bool = True  # samples of rollouts with teacher prompts for inspection
+    rollout_samples_per_step: int = 2
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 0, "train.steps", "must be >= 0")
+        _check(self.prompts_per_step >= 1, "train.prompts_per_step", "must be >= 1")
+        _check(self.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
+        _check(self.threads is None or self.threads >= 1, "train.threads", "must be >= 1 or null")
+        _check(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
+
+
+@dataclass
+class EvalConfig:
+    every: int = 10  # 0 = only before and after training
+    k: int = 4
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_prompts: int | None = None  # None = all eval prompts of the task
+    max_new_tokens: int | None = None  # None = rollout.max_new_tokens
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 0, "eval.every", "must be >= 0")
+        _check(self.k >= 1, "eval.k", "must be >= 1")
+        _check(self.temperature > 0, "eval.temperature", "must be > 0")
+        _check(0 < self.top_p <= 1, "eval.top_p", "must be in (0, 1]")
+
+
+@dataclass
+class LoggingConfig:
+    output_dir: str = "runs"
+    run_name: str | None = None  # default: "<method>-<task>-<timestamp>"
+    sinks: list[str] = field(default_factory=lambda: ["jsonl"])
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for sink in self.sinks:
+            _one_of(sink, "logging.sinks", ("jsonl", "tensorboard", "wandb"))
+
+
+@dataclass
+class Config:
+    method: str = "mopd"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    peers: PeerConfig = field(default_factory=PeerConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        _one_of(self.method, "method", METHODS)
+        _check(
+            self.loss.kind != "grpo" or self.loss.grpo_mix == 0 or self.rollout.n >= 2,
+            "rollout.n",
+            "GRPO needs at least 2 rollouts per prompt",
+        )
+        _check(
+            self.loss.kind not in ("dpo", "simpo") or self.rollout.n >= 2,
+            "rollout.n",
+            f"{self.loss.kind} builds pairs inside a group: needs rollout.n >= 2",
+        )
+
+
+# Each method is a set of overrides applied on top of the defaults, below the recipe.
+METHOD_PRESETS: dict[str, dict[str, Any]] = {
+    "mopd": {"loss.kind": "distill", "peers.n_success": 2, "peers.n_failure": 1},
+    "mopd-2s": {"loss.kind": "distill", "peers.n_success": 2, "peers.n_failure": 0},
+    "sdpo": {
+        "loss.kind": "distill",
+        "peers.n_success": 1,
+        "peers.n_failure": 0,
+        "peers.include_feedback": True,
+    },
+    "grpo": {"loss.kind": "grpo"},
+    "opd": {"loss.kind": "distill", "teacher.kind": "external", "teacher.use_context": False},
+    "dpo": {"loss.kind": "dpo"},
+    "simpo": {"loss.kind": "simpo"},
+    "sft": {"loss.kind": "sft"},
+}
+
+
+# ---------------------------------------------------------------- building from dicts
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping) and _is_section(path):
+            flat.update(_flatten(value, path + "."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def _section_types() -> dict[str, type]:
+    """Dotted path -> dataclass type for every nested section."""
+    out: dict[str, type] = {"": Config}
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            t = hints[f.name]
+            if dataclasses.is_dataclass(t):
+                out[prefix + f.name] = t  # type: ignore[assignment]
+                walk(t, prefix + f.name + ".")  # type: ignore[arg-type]
+
+    walk(Config, "")
+    return out
+
+
+def _is_section(path: str) -> bool:
+    return path in _section_types()
+
+
+def valid_keys() -> list[str]:
+    """All settable dotted keys, e.g. ``rollout.temperature``."""
+    keys: list[str] = []
+    for path, cls in _section_types().items():
+        prefix = f"{path}." if path else ""
+        for f in dataclasses.fields(cls):
+            if not _is_section(prefix + f.name):
+                keys.append(prefix + f.name)
+    return sorted(keys)
+
+
+def _check_keys(flat: Mapping[str, Any], source: str) -> None:
+    known = set(valid_keys())
+    for key in flat:
+        if key in known or (key.startswith("task.options.") and len(key) > 13):
+            continue
+        near = difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(near)}?" if near else "; see `mopd train --help`"
+        raise ConfigError(f"unknown config key {key!r} in {source}{hint}")
+
+
+def _coerce(value: Any, hint: Any, path: str) -> Any:
+    """Check `value` against a field's type, converting what YAML may leave as text.
+
+    YAML reads ``1e-5`` (no dot) as a string; numbers written that way are accepted.
+    """
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{path}: invalid value {value!r}")
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint in (int, float):
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                value = float(value) if hint is float else int(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if hint is int and float(value).is_integer():
+                return int(value)
+            if hint is float:
+                return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif origin in (list, tuple):
+        if isinstance(value, (list, tuple)):
+            item = args[0] if args else Any
+            return origin(_coerce(v, item, path) for v in value)
+    elif origin is dict:
+        if isinstance(value, Mapping):
+            return dict(value)
+    else:
+        return value
+    name = getattr(hint, "__name__", str(hint))
+    raise ConfigError(f"{path}: expected {name}, got {value!r}")
+
+
+def _build(cls: type, flat: Mapping[str, Any], prefix: str) -> Any:
+    hints = get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        path = prefix + f.name
+        if dataclasses.is_dataclass(hints[f.name]):
+            kwargs[f.name] = _build(hints[f.name], flat, path + ".")
+        elif path == "task.options":
+            opts = dict(flat.get(path) or {})
+            opts.update({k[13:]: v for k, v in flat.items() if k.startswith("task.options.")})
+            kwargs[f.name] = opts
+        elif path in flat:
+            kwargs[f.name] = _coerce(flat[path], hints[f.name], path)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        section = prefix.rstrip(".") or "config"
+        raise ConfigError(f"{section}: {exc}") from exc
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value, e.g. rollout.n=8")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from exc
+    return key.strip(), value
+
+
+def recipe_path(name_or_path: str) -> Path:
+    """A YAML file path, or the name of a packaged recipe (``demo``, ``grpo`` ...)."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        return path
+    packaged = resources.files("mopd") / "configs" / f"{name_or_path}.yaml"
+    if not packaged.is_file():
+        names = sorted(p.name[:-5] for p in (resources.files("mopd") / "configs").iterdir())
+        raise ConfigError(f"no config file or packaged recipe {name_or_path!r}; recipes: {names}")
+    return Path(str(packaged))
+
+
+def _overlay(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """`top` over `base`; a layer that names another task drops the old task's options."""
+    if "task.name" in top and top["task.name"] != base.get("task.name"):
+        base = {k: v for k, v in base.items() if not k.startswith("task.options")}
+    return {**base, **top}
+
+
+def _read_recipe(name_or_path: str, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Flat keys of a recipe; ``extends: OTHER`` loads OTHER first and overlays this one."""
+    path = recipe_path(name_or_path).resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: 'extends' forms a cycle")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    data = dict(data)
+    parent = data.pop("extends", None)
+    flat = _flatten(data)
+    _check_keys(flat, str(path))
+    if parent is None:
+        return flat
+    base_name = str(parent)
+    if base_name.endswith((".yaml", ".yml")) and not Path(base_name).is_absolute():
+        base_name = str(path.parent / base_name)  # relative to the extending file
+    return _overlay(_read_recipe(base_name, (*_seen, path)), flat)
+
+
+def load_config(
+    recipe: str | Path | None = None,
+    overrides: Sequence[str] | Mapping[str, Any] = (),
+) -> Config:
+    """Resolve defaults < method preset < recipe < overrides into a validated Config."""
+    recipe_flat = _read_recipe(str(recipe)) if recipe is not None else {}
+    if isinstance(overrides, Mapping):
+        override_flat = _flatten(overrides)
+    else:
+        override_flat = dict(_parse_override(item) for item in overrides)
+    _check_keys(override_flat, "overrides")
+
+    method = override_flat.get("method", recipe_flat.get("method", Config.method))
+    _one_of(method, "method", METHODS)
+    flat = _overlay(_overlay(dict(METHOD_PRESETS[method]), recipe_flat), override_flat)
+    flat["method"] = method
+    config: Config = _build(Config, flat, "")
+    return config
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    """Plain nested dict (YAML/JSON-safe) of a config."""
+
+    def convert(value: Any) -> Any:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return {f.name: convert(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [convert(v) for v in value]
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
+        return value
+
+    return convert(config)  # type: ignore[no-any-return]
+
+
+def save_config(config: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def load_saved_config(path: Path, overrides: Sequence[str] = ()) -> Config:
+    """A run's resolved ``config.yaml`` plus overrides (e.g. ``train.steps=40`` to extend it).
+
+    The saved file already holds the method preset's values, so no preset is re-applied.
+    """
+    if not path.exists():
+        raise ConfigError(f"{path} not found: is {path.parent} a mopd run folder?")
+    flat = _flatten(yaml.safe_load(path.read_text()) or {})
+    _check_keys(flat, str(path))
+    override_flat = dict(_parse_override(item) for item in overrides)
+    _check_keys(override_flat, "overrides")
+    return _build(Config, _overlay(flat, override_flat), "")  # type: ignore[no-any-return]

@@ -1,0 +1,135 @@
+"""Atomic checkpoints: everything needed to continue a run exactly.
+
+Layout of ``RUN_DIR/checkpoints/step-000010/``::
+
+    student/            Hugging Face folder (save_pretrained): loadable by plain transformers
+    teacher.pt          teacher state (EMA weights, or the frozen initial copy)
+    reference.pt        frozen reference policy (DPO), when present
+    trainer_state.pt    optimizer, scheduler, RNG states, step, data position
+    COMPLETE            written last
+
+A checkpoint is written into a hidden temporary folder and renamed into place, and the
+``latest`` pointer is replaced atomically afterwards, so a run killed mid-save leaves
+the previous checkpoint intact and never a half-written one that looks finished.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+COMPLETE = "COMPLETE"
+
+
+@dataclass
+class TrainerState:
+    step: int  # optimizer steps done
+    data_position: int  # prompts consumed from the training stream
+
+
+def rng_state() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step-{step:06d}"
+
+
+def save_checkpoint(
+    run_dir: Path,
+    *,
+    state: TrainerState,
+    student: Any,
+    tokenizer: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    teacher: Any | None = None,
+    reference: Any | None = None,
+    keep_last: int = 2,
+) -> Path:
+    """Write a checkpoint atomically and point ``latest`` at it; prune older ones."""
+    final = checkpoint_dir(run_dir, state.step)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    student.save_pretrained(tmp / "student", safe_serialization=True)
+    tokenizer.save_pretrained(tmp / "student")
+    if teacher is not None:
+        torch.save(teacher.state_dict(), tmp / "teacher.pt")
+    if reference is not None:
+        torch.save(reference.state_dict(), tmp / "reference.pt")
+    torch.save(
+        {
+            "step": state.step,
+            "data_position": state.data_position,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_state(),
+        },
+        tmp / "trainer_state.pt",
+    )
+    (tmp / COMPLETE).write_text(str(state.step))
+    if final.exists():  # re-saving the same step (e.g. final == periodic)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    pointer_tmp = run_dir / "checkpoints" / ".latest.tmp"
+    pointer_tmp.write_text(final.name)
+    os.replace(pointer_tmp, run_dir / "checkpoints" / "latest")
+    _prune(run_dir, keep_last)
+    return final
+
+
+def _prune(run_dir: Path, keep_last: int) -> None:
+    done = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if (p / COMPLETE).exists())
+    for old in done[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    root = run_dir / "checkpoints"
+    pointer = root / "latest"
+    if pointer.exists():
+        candidate = root / pointer.read_text().strip()
+        if (candidate / COMPLETE).exists():
+            return candidate
+    done = sorted(p for p in root.glob("step-*") if (p / COMPLETE).exists())
+    return done[-1] if done else None
+
+
+def load_trainer_state(
+    ckpt: Path,
+    *,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    teacher: Any | None = None,
+    reference: Any | None = None,
+) -> TrainerState:
+    """Restore optimizer, scheduler, teacher and RNG states in place; return the counters."""
+    data = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    optimizer.load_state_dict(data["optimizer"])
+    scheduler.load_state_dict(data["scheduler"])
+    if teacher is not None:
+        teacher.load_state_dict(torch.load(ckpt / "teacher.pt", weights_only=False))
+    if reference is not None:
+        reference.load_state_dict(torch.load(ckpt / "reference.pt", weights_only=False))
+    set_rng_state(data["rng"])
+    return TrainerState(step=data["step"], data_position=data["data_position"])

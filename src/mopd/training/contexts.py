@@ -1,0 +1,125 @@
+"""Teacher inputs for a batch of scored rollout groups.
+
+Connects the pure pieces (``core.peers`` decides who is shown, ``core.prompts`` renders
+and fits the text) to a tokenizer: the rendered teacher text replaces the content of the
+problem's last user message, and the result goes through the tokenizer's own chat template
+with the generation prompt, so teacher and student read the same conversation format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from mopd.core.peers import PeerConfig, select_peers_batch
+from mopd.core.prompts import TeacherTemplates, fit_teacher_prompt
+from mopd.types import PeerContext, Problem, Rollout, Verdict
+
+
+@dataclass(frozen=True)
+class TeacherInput:
+    """What the teacher reads for one rollout."""
+
+    prompt_ids: tuple[int, ...]  # chat-templated teacher prompt, generation header included
+    context: PeerContext
+    has_context: bool  # False: plain question, the rollout gets no distillation loss
+    truncated: bool  # peers were shortened to fit the token budget
+    text: str
+
+
+def chat_prompt_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[int]:
+    """Token ids of a chat conversation followed by the assistant generation header."""
+    out = tokenizer.apply_chat_template(
+        [dict(m) for m in messages], add_generation_prompt=True, tokenize=True
+    )
+    if isinstance(out, Mapping) or hasattr(out, "input_ids"):  # BatchEncoding in transformers 5
+        out = out["input_ids"]
+    return list(out)
+
+
+def _with_question(problem: Problem, text: str) -> list[dict[str, str]]:
+    """The problem's messages with the last user message's content replaced by `text`."""
+    messages = [dict(m) for m in problem.messages]
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            message["content"] = text
+            return messages
+    raise ValueError(f"problem {problem.id!r} has no user message")
+
+
+class _TokenCounter:
+    """Counts chat-templated prompt tokens: template overhead once, then the content alone.
+
+    Avoids re-rendering the template for every probe of the budget search; the content sits
+    between special tokens, so its tokenisation does not merge with the surroundings.
+    """
+
+    def __init__(self, tokenizer: Any, problem: Problem) -> None:
+        self.tokenizer = tokenizer
+        self.overhead = len(chat_prompt_ids(tokenizer, _with_question(problem, "")))
+
+    def __call__(self, text: str) -> int:
+        return self.overhead + len(self.tokenizer.encode(text, add_special_tokens=False))
+
+
+def build_teacher_inputs(
+    tokenizer: Any,
+    problems: Sequence[Problem],
+    groups: Sequence[Sequence[Rollout]],
+    verdicts: Sequence[Sequence[Verdict]],
+    *,
+    peers: PeerConfig,
+    templates: TeacherTemplates,
+    max_prompt_tokens: int,
+    use_context: bool,
+    seed: int,
+) -> list[list[TeacherInput]]:
+    """Teacher prompt ids for every rollout, grouped like `groups`.
+
+    With `use_context=False` (standard OPD) the teacher sees only the question and every
+    rollout counts as having a context (it gets the loss).
+    """
+    if not use_context:
+        out = []
+        for problem, group in zip(problems, groups, strict=True):
+            ids = tuple(chat_prompt_ids(tokenizer, problem.messages))
+            plain = TeacherInput(ids, PeerContext(), True, False, problem.question)
+            out.append([plain] * len(group))
+        return out
+
+    rewards = [[v.reward for v in vs] for vs in verdicts]
+    lengths = [[len(r.response_ids) for r in group] for group in groups]
+    feedback = [[bool(v.feedback) for v in vs] for vs in verdicts]
+    contexts = select_peers_batch(
+        rewards,
+        peers,
+        seed=seed,
+        lengths_per_group=lengths,
+        feedback_available_per_group=feedback,
+    )
+    result: list[list[TeacherInput]] = []
+    for problem, group, group_verdicts, group_contexts in zip(
+        problems, groups, verdicts, contexts, strict=True
+    ):
+        counter = _TokenCounter(tokenizer, problem)
+        row: list[TeacherInput] = []
+        for i, ctx in enumerate(group_contexts):
+            successes = [group[j].text for j in ctx.successes]
+            successes += [groups[g][j].text for g, j in ctx.foreign_successes]
+            failures = [group[j].text for j in ctx.failures]
+            own_feedback = group_verdicts[i].feedback if ctx.use_feedback else None
+            fitted = fit_teacher_prompt(
+                problem.question,
+                successes,
+                failures,
+                own_feedback,
+                count_tokens=counter,
+                max_tokens=max_prompt_tokens,
+                templates=templates,
+            )
+            has_context = not ctx.is_empty and fitted.has_context
+            ids = tuple(chat_prompt_ids(tokenizer, _with_question(problem, fitted.text)))
+            row.append(TeacherInput(ids, ctx, has_context, fitted.truncated, fitted.text))
+        result.append(row)
+    return result

@@ -1,0 +1,374 @@
+"""One training step, top to bottom (method.md section 1).
+
+    prompts -> G rollouts each -> verifier -> peer contexts -> teacher prompts
+    -> teacher forward (no grad) + student forward -> per-token loss -> masked aggregate
+    -> backward (micro-batched) -> grad clip, optimizer step -> teacher EMA update
+
+The step returns `(StepOutput, metrics)`; it writes nothing and logs nothing. Loss
+denominators are computed over the whole step before the first micro-batch, so gradient
+accumulation gives exactly the gradient of the full-batch loss.
+
+Rollouts whose teacher context is empty are dropped before any forward pass: they would
+contribute zero loss, and they do not count in the denominators either.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mopd.config import Config
+from mopd.core.baselines import dpo_loss, group_advantages, grpo_loss, preference_pairs, simpo_loss
+from mopd.core.losses import (
+    aggregate,
+    importance_weights,
+    sampled_token_reverse_kl,
+    topk_divergence,
+)
+from mopd.evaluation.metrics import success_auc
+from mopd.models.scoring import build_scoring_batch, response_logits, response_logprobs
+from mopd.models.teachers import Teacher
+from mopd.rollout.base import RolloutEngine, SamplingParams
+from mopd.tasks.base import Task, verify_batch
+from mopd.training.contexts import TeacherInput, build_teacher_inputs, chat_prompt_ids
+from mopd.types import Problem, Rollout, Verdict
+
+
+@dataclass
+class StepModules:
+    """The long-lived objects a step works with (built by the trainer)."""
+
+    config: Config
+    student: Any  # transformers PreTrainedModel
+    tokenizer: Any
+    engine: RolloutEngine
+    task: Task
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    teacher: Teacher | None = None  # distillation teacher
+    reference: Teacher | None = None  # frozen initial policy for DPO
+
+
+@dataclass(frozen=True)
+class Row:
+    """One rollout, flattened out of its group for batching."""
+
+    group: int
+    prompt_ids: tuple[int, ...]
+    rollout: Rollout
+    reward: float
+    success: bool
+    teacher: TeacherInput | None = None
+    advantage: float = 0.0
+
+
+@dataclass
+class StepOutput:
+    """What the trainer may want to save for inspection."""
+
+    problems: list[Problem]
+    groups: list[list[Rollout]]
+    verdicts: list[list[Verdict]]
+    teacher_inputs: list[list[TeacherInput]] | None
+
+
+def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _denominator(mode: str, token_counts: Sequence[int]) -> float:
+    """Global normaliser of `aggregate` for the rows that carry loss."""
+    if mode == "token-mean":
+        return float(sum(token_counts))
+    return float(sum(1 for n in token_counts if n > 0))
+
+
+def _old_logprobs(rows: Sequence[Row], width: int) -> torch.Tensor:
+    old = torch.zeros(len(rows), width)
+    for i, row in enumerate(rows):
+        lp = row.rollout.logprobs
+        old[i, : len(lp)] = torch.tensor(lp, dtype=torch.float32)
+    return old
+
+
+def _distill_rows(
+    mods: StepModules, rows: Sequence[Row], stats: dict[str, list[float]], times: dict[str, float]
+) -> float:
+    """Teacher + student forwards and backward for rows with a context; returns the loss."""
+    cfg = mods.config
+    assert mods.teacher is not None
+    pad = mods.tokenizer.pad_token_id
+    denom = _denominator(cfg.loss.aggregation, [len(r.rollout.response_ids) for r in rows])
+    total = 0.0
+    device = next(mods.student.parameters()).device
+    for chunk in _chunks(rows, cfg.train.micro_batch_size):
+        responses = [r.rollout.response_ids for r in chunk]
+        t0 = time.perf_counter()
+        t_batch = build_scoring_batch([r.teacher.prompt_ids for r in chunk], responses, pad)  # type: ignore[union-attr]
+        t_logits_BRV = mods.teacher.logits(t_batch.to(device), student=mods.student)
+        t1 = time.perf_counter()
+        s_batch = build_scoring_batch([r.prompt_ids for r in chunk], responses, pad).to(device)
+        s_logits_BRV = response_logits(mods.student, s_batch)
+        mask_BR = s_batch.response_mask.to(s_logits_BRV.dtype)
+        s_logp_BR = response_logprobs(s_logits_BRV, s_batch.response_ids)
+        t_logp_BR = response_logprobs(t_logits_BRV, s_batch.response_ids)
+        if cfg.loss.estimator == "sampled-token":
+            per_tok_BR = sampled_token_reverse_kl(s_logp_BR, t_logp_BR)
+        else:
+            per_tok_BR = topk_divergence(
+                s_logits_BRV,
+                t_logits_BRV,
+                k=cfg.loss.topk,
+                alpha=cfg.loss.alpha,
+                add_tail=cfg.loss.add_tail,
+            )
+        if cfg.loss.is_clip is not None:
+            old_BR = _old_logprobs(chunk, s_logp_BR.shape[1]).to(device)
+            per_tok_BR = per_tok_BR * importance_weights(s_logp_BR, old_BR, cfg.loss.is_clip)
+        loss = aggregate(per_tok_BR, mask_BR, cfg.loss.aggregation, denominator=denom)
+        weight = 1.0 - cfg.loss.grpo_mix if cfg.loss.kind == "grpo" else 1.0
+        (weight * loss).backward()
+        total += float(loss.detach())
+        # Per-rollout signal quality: teacher score and teacher-minus-student gap.
+        with torch.no_grad():
+            n_tok = mask_BR.sum(1).clamp_min(1)
+            score_B = (t_logp_BR * mask_BR).sum(1) / n_tok
+            gap_B = ((t_logp_BR - s_logp_BR.detach()) * mask_BR).sum(1) / n_tok
+        for row, score, gap in zip(chunk, score_B.tolist(), gap_B.tolist(), strict=True):
+            stats["score"].append(score)
+            stats["gap_success" if row.success else "gap_failure"].append(gap)
+        t2 = time.perf_counter()
+        times["teacher"] += t1 - t0
+        times["student"] += t2 - t1
+    return total
+
+
+def _grpo_rows(mods: StepModules, rows: Sequence[Row], n_all_rows_tokens: list[int]) -> float:
+    """PPO-clip policy gradient over rows with a non-zero advantage (others add zero)."""
+    cfg = mods.config
+    pad = mods.tokenizer.pad_token_id
+    denom = _denominator(cfg.loss.aggregation, n_all_rows_tokens)
+    device = next(mods.student.parameters()).device
+    total = 0.0
+    for chunk in _chunks(rows, cfg.train.micro_batch_size):
+        batch = build_scoring_batch(
+            [r.prompt_ids for r in chunk], [r.rollout.response_ids for r in chunk], pad
+        ).to(device)
+        logits_BRV = response_logits(mods.student, batch, temperature=cfg.rollout.temperature)
+        logp_BR = response_logprobs(logits_BRV, batch.response_ids)
+        old_BR = _old_logprobs(chunk, logp_BR.shape[1]).to(device)
+        adv_B = torch.tensor([r.advantage for r in chunk], device=device, dtype=logp_BR.dtype)
+        loss, _ = grpo_loss(
+            logp_BR,
+            old_BR,
+            adv_B,
+            batch.response_mask.to(logp_BR.dtype),
+            clip_low=cfg.loss.clip_low,
+            clip_high=cfg.loss.clip_high,
+            aggregation=cfg.loss.aggregation,
+            denominator=denom,
+        )
+        ((1.0 - cfg.loss.grpo_mix) * loss).backward()
+        total += float(loss.detach())
+    return total
+
+
+def _sft_rows(mods: StepModules, rows: Sequence[Row]) -> float:
+    """Token-mean NLL over verified successes."""
+    cfg = mods.config
+    pad = mods.tokenizer.pad_token_id
+    denom = float(sum(len(r.rollout.response_ids) for r in rows))
+    device = next(mods.student.parameters()).device
+    total = 0.0
+    for chunk in _chunks(rows, cfg.train.micro_batch_size):
+        batch = build_scoring_batch(
+            [r.prompt_ids for r in chunk], [r.rollout.response_ids for r in chunk], pad
+        ).to(device)
+        logp_BR = response_logprobs(response_logits(mods.student, batch), batch.response_ids)
+        mask_BR = batch.response_mask.to(logp_BR.dtype)
+        loss = aggregate(-logp_BR, mask_BR, "token-mean", denominator=denom)
+        loss.backward()
+        total += float(loss.detach())
+    return total
+
+
+def _preference_groups(mods: StepModules, groups: Sequence[Sequence[Row]]) -> float:
+    """On-policy DPO / SimPO: pairs inside each group; one group is one micro-batch."""
+    cfg = mods.config
+    pad = mods.tokenizer.pad_token_id
+    device = next(mods.student.parameters()).device
+    pairs_per_group = [preference_pairs([r.reward for r in g]) for g in groups]
+    n_pairs = sum(len(p) for p in pairs_per_group)
+    total = 0.0
+    for group, pairs in zip(groups, pairs_per_group, strict=True):
+        if not pairs:
+            continue
+        batch = build_scoring_batch(
+            [r.prompt_ids for r in group], [r.rollout.response_ids for r in group], pad
+        ).to(device)
+        mask_BR = batch.response_mask.float()
+        logp_BR = response_logprobs(response_logits(mods.student, batch), batch.response_ids)
+        seq_B = (logp_BR * mask_BR).sum(1)
+        if cfg.loss.kind == "dpo":
+            assert mods.reference is not None
+            ref_logits = mods.reference.logits(batch, student=mods.student)
+            ref_B = (response_logprobs(ref_logits, batch.response_ids) * mask_BR).sum(1)
+            loss = dpo_loss(seq_B, ref_B, pairs, beta=cfg.loss.beta)
+        else:
+            avg_B = seq_B / mask_BR.sum(1).clamp_min(1)
+            loss = simpo_loss(avg_B, pairs, beta=cfg.loss.simpo_beta, gamma=cfg.loss.simpo_gamma)
+        # dpo_loss averages over the group's pairs: reweight to the step's pair mean.
+        (loss * len(pairs) / n_pairs).backward()
+        total += float(loss.detach()) * len(pairs) / n_pairs
+    return total
+
+
+def _in_group_auc(rows: Sequence[Row], scores: Sequence[float]) -> float:
+    """Mean over groups (with both classes scored) of the teacher-score success AUC."""
+    by_group: dict[int, tuple[list[float], list[float]]] = {}
+    for row, score in zip(rows, scores, strict=True):
+        s, r = by_group.setdefault(row.group, ([], []))
+        s.append(score)
+        r.append(row.reward)
+    aucs = [success_auc(s, r) for s, r in by_group.values()]
+    defined = [a for a in aucs if a is not None]
+    return sum(defined) / len(defined) if defined else math.nan
+
+
+def train_step(
+    mods: StepModules, problems: Sequence[Problem], *, seed: int
+) -> tuple[StepOutput, dict[str, float]]:
+    """Sample, score, distill (or run the configured baseline), and update once."""
+    cfg = mods.config
+    student, tokenizer = mods.student, mods.tokenizer
+    times = {k: 0.0 for k in ("generate", "verify", "context", "teacher", "student", "optimizer")}
+    t_start = time.perf_counter()
+
+    # 1-2. Rollouts: G samples per prompt from the current student.
+    prompt_ids = [tuple(chat_prompt_ids(tokenizer, p.messages)) for p in problems]
+    params = SamplingParams(
+        temperature=cfg.rollout.temperature,
+        top_p=cfg.rollout.top_p,
+        max_new_tokens=cfg.rollout.max_new_tokens,
+    )
+    t0 = time.perf_counter()
+    groups = mods.engine.generate(prompt_ids, n=cfg.rollout.n, params=params, seed=seed)
+    times["generate"] = time.perf_counter() - t0
+
+    # 3. Verifier.
+    t0 = time.perf_counter()
+    verdicts = [
+        verify_batch(mods.task, [p] * len(g), [r.text for r in g])
+        for p, g in zip(problems, groups, strict=True)
+    ]
+    times["verify"] = time.perf_counter() - t0
+    threshold = cfg.peers.success_threshold
+    rewards_PG = [[v.reward for v in vs] for vs in verdicts]
+
+    # 4. Teacher contexts (only for distillation).
+    distill = cfg.loss.kind == "distill" or (cfg.loss.kind == "grpo" and cfg.loss.grpo_mix > 0)
+    teacher_inputs = None
+    if distill:
+        t0 = time.perf_counter()
+        teacher_inputs = build_teacher_inputs(
+            tokenizer,
+            problems,
+            groups,
+            verdicts,
+            peers=cfg.peers,
+            templates=cfg.teacher.templates,
+            max_prompt_tokens=cfg.teacher.max_prompt_tokens,
+            use_context=cfg.teacher.use_context,
+            seed=seed,
+        )
+        times["context"] = time.perf_counter() - t0
+    advantages = group_advantages(
+        torch.tensor(rewards_PG, dtype=torch.float64), normalize_std=cfg.loss.normalize_std
+    ).tolist()
+    rows = [
+        Row(
+            group=gi,
+            prompt_ids=prompt_ids[gi],
+            rollout=rollout,
+            reward=rewards_PG[gi][ri],
+            success=rewards_PG[gi][ri] >= threshold,
+            teacher=teacher_inputs[gi][ri] if teacher_inputs else None,
+            advantage=advantages[gi][ri],
+        )
+        for gi, group in enumerate(groups)
+        for ri, rollout in enumerate(group)
+    ]
+
+    # 5-6. Forwards, per-token losses, masked aggregation, backward.
+    student.train()
+    mods.optimizer.zero_grad(set_to_none=True)
+    losses: dict[str, float] = {}
+    stats: dict[str, list[float]] = {"score": [], "gap_success": [], "gap_failure": []}
+    ctx_rows = [r for r in rows if r.teacher is not None and r.teacher.has_context]
+    if distill and ctx_rows:
+        losses["distill"] = _distill_rows(mods, ctx_rows, stats, times)
+    if cfg.loss.kind == "grpo":
+        t0 = time.perf_counter()
+        active = [r for r in rows if r.advantage != 0.0]
+        all_tokens = [len(r.rollout.response_ids) for r in rows]
+        losses["grpo"] = _grpo_rows(mods, active, all_tokens) if active else 0.0
+        times["student"] += time.perf_counter() - t0
+    elif cfg.loss.kind == "sft":
+        t0 = time.perf_counter()
+        successes = [r for r in rows if r.success]
+        losses["sft"] = _sft_rows(mods, successes) if successes else 0.0
+        times["student"] += time.perf_counter() - t0
+    elif cfg.loss.kind in ("dpo", "simpo"):
+        t0 = time.perf_counter()
+        by_group = [[r for r in rows if r.group == g] for g in range(len(groups))]
+        losses[cfg.loss.kind] = _preference_groups(mods, by_group)
+        times["student"] += time.perf_counter() - t0
+
+    # 7. Optimizer step, then the teacher follows the student.
+    t0 = time.perf_counter()
+    grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip)
+    lr = mods.optimizer.param_groups[0]["lr"]
+    mods.optimizer.step()
+    mods.scheduler.step()
+    mods.optimizer.zero_grad(set_to_none=True)
+    student.eval()
+    if mods.teacher is not None:
+        mods.teacher.update(student)
+    times["optimizer"] = time.perf_counter() - t0
+    times["step"] = time.perf_counter() - t_start
+
+    # Metrics.
+    n_rows = len(rows)
+    n_tokens = sum(len(r.rollout.response_ids) for r in rows)
+    mixed = sum(1 for rs in rewards_PG if len({x >= threshold for x in rs}) == 2)
+    metrics: dict[str, float] = {
+        "rollout/reward_mean": sum(r.reward for r in rows) / n_rows,
+        "rollout/success_rate": sum(r.success for r in rows) / n_rows,
+        "rollout/mixed_group_fraction": mixed / len(groups),
+        "rollout/response_tokens_mean": n_tokens / n_rows,
+        "rollout/truncated_fraction": sum(r.rollout.truncated for r in rows) / n_rows,
+        "loss/total": sum(losses.values()),
+        "optim/grad_norm": float(grad_norm),
+        "optim/lr": float(lr),
+        "perf/tokens_per_s": n_tokens / max(times["generate"], 1e-9),
+    }
+    metrics.update({f"loss/{k}": v for k, v in losses.items()})
+    if teacher_inputs is not None:
+        inputs = [t for group in teacher_inputs for t in group]
+        with_ctx = [t for t in inputs if t.has_context]
+        metrics["teacher/context_fraction"] = len(with_ctx) / len(inputs)
+        metrics["teacher/prompt_tokens_mean"] = (
+            sum(len(t.prompt_ids) for t in with_ctx) / len(with_ctx) if with_ctx else 0.0
+        )
+        metrics["teacher/truncated_fraction"] = sum(t.truncated for t in inputs) / len(inputs)
+        metrics["teacher/success_auc"] = _in_group_auc(ctx_rows, stats["score"])
+        for kind in ("success", "failure"):
+            gaps = stats[f"gap_{kind}"]
+            metrics[f"gap/{kind}"] = sum(gaps) / len(gaps) if gaps else math.nan
+    metrics.update({f"time/{k}": v for k, v in times.items()})
+    return StepOutput(list(problems), groups, verdicts, teacher_inputs), metrics

@@ -1,0 +1,303 @@
+"""The training loop: build everything from a Config, run steps, evaluate, checkpoint, report.
+
+Determinism: every random draw is derived from the run seed and the step number
+(`derive_seed`), never from global RNG state, so a resumed run replays exactly what an
+uninterrupted one would. Evaluation reuses one fixed seed at every evaluation point
+(common random numbers), so changes between evaluations reflect the model rather than
+sampling noise.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from mopd.config import Config, save_config, to_dict
+from mopd.core.peers import derive_seed
+from mopd.models.loading import load_model, load_tokenizer
+from mopd.models.teachers import Teacher, build_teacher, check_same_vocabulary
+from mopd.reporting.report import eval_summary_rows, summary_table, write_report
+from mopd.reporting.sinks import build_sinks
+from mopd.rollout.base import RolloutEngine, SamplingParams
+from mopd.rollout.hf import HFRolloutEngine
+from mopd.tasks.base import Task
+from mopd.tasks.registry import build_task
+from mopd.training.checkpoint import (
+    TrainerState,
+    latest_checkpoint,
+    load_trainer_state,
+    save_checkpoint,
+)
+from mopd.training.evaluate import evaluate
+from mopd.training.step import StepModules, StepOutput, train_step
+from mopd.types import Problem
+
+
+def training_problems(
+    problems: Sequence[Problem], *, seed: int, start: int, count: int
+) -> list[Problem]:
+    """Prompts `start .. start+count` of an endless stream of seeded per-epoch shuffles."""
+    n = len(problems)
+    out: list[Problem] = []
+    for position in range(start, start + count):
+        epoch, offset = divmod(position, n)
+        order = list(range(n))
+        random.Random(derive_seed(seed, "epoch", epoch)).shuffle(order)
+        out.append(problems[order[offset]])
+    return out
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    history: list[dict[str, float]] = field(default_factory=list)
+    evals: list[dict[str, float]] = field(default_factory=list)
+
+
+class Trainer:
+    """Owns the models and the loop. `Trainer(config).train()` runs a whole recipe."""
+
+    def __init__(
+        self, config: Config, *, run_dir: Path | None = None, resume: bool = False
+    ) -> None:
+        self.config = config
+        if config.train.threads is not None:
+            torch.set_num_threads(config.train.threads)
+        self.task: Task = build_task(config.task.name, config.task.options)
+        self.train_problems = list(self.task.train_problems())
+        if not self.train_problems:
+            raise ValueError(f"task {config.task.name!r} has no training problems")
+        eval_problems = list(self.task.eval_problems())
+        self.eval_problems = (
+            eval_problems[: config.eval.max_prompts] if config.eval.max_prompts else eval_problems
+        )
+        self.run_dir = run_dir or self._new_run_dir()
+        self.resume_from = latest_checkpoint(self.run_dir) if resume else None
+        if resume and self.resume_from is None:
+            raise FileNotFoundError(f"--resume {self.run_dir}: no complete checkpoint found in it")
+        self._build_models()
+
+    # ------------------------------------------------------------------ set-up
+    def _new_run_dir(self) -> Path:
+        cfg = self.config
+        name = cfg.logging.run_name or (
+            f"{cfg.method}-{cfg.task.name.replace(':', '_').replace('.', '_')}-"
+            f"{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        )
+        return Path(cfg.logging.output_dir) / name
+
+    def _build_models(self) -> None:
+        cfg = self.config
+        dtype = getattr(torch, cfg.model.dtype)
+        source = str(self.resume_from / "student") if self.resume_from else cfg.model.name
+        self.tokenizer = load_tokenizer(source, cache_dir=cfg.model.cache_dir)
+        self.student = load_model(source, dtype=cfg.model.dtype, cache_dir=cfg.model.cache_dir)
+        self.teacher: Teacher | None = None
+        self.reference: Teacher | None = None
+        distill = cfg.loss.kind == "distill" or (cfg.loss.kind == "grpo" and cfg.loss.grpo_mix > 0)
+        if distill:
+            external = None
+            if cfg.teacher.kind == "external":
+                assert cfg.teacher.external_model is not None
+                external = load_model(
+                    cfg.teacher.external_model, dtype=cfg.model.dtype, cache_dir=cfg.model.cache_dir
+                )
+                external_tok = load_tokenizer(
+                    cfg.teacher.external_model, cache_dir=cfg.model.cache_dir
+                )
+                check_same_vocabulary(self.tokenizer, external_tok, self.student, external)
+            self.teacher = build_teacher(
+                cfg.teacher.kind,
+                self.student,
+                rate=cfg.teacher.ema_rate,
+                mix=cfg.teacher.trust_region_mix,
+                external_model=external,
+            )
+        if cfg.loss.kind == "dpo":
+            self.reference = build_teacher("ema", self.student, rate=0.0)
+        self.optimizer = torch.optim.AdamW(
+            self.student.parameters(),
+            lr=cfg.optim.lr,
+            weight_decay=cfg.optim.weight_decay,
+            betas=cfg.optim.betas,
+        )
+        warmup = cfg.optim.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)) if warmup else 1.0
+        )
+        self.engine: RolloutEngine = HFRolloutEngine(
+            self.student, self.tokenizer, batch_size=cfg.rollout.batch_size
+        )
+        self.state = TrainerState(step=0, data_position=0)
+        if self.resume_from is not None:
+            self.state = load_trainer_state(
+                self.resume_from,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                teacher=self.teacher,
+                reference=self.reference,
+            )
+        self.modules = StepModules(
+            config=cfg,
+            student=self.student,
+            tokenizer=self.tokenizer,
+            engine=self.engine,
+            task=self.task,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            teacher=self.teacher,
+            reference=self.reference,
+        )
+        del dtype
+
+    # ------------------------------------------------------------------ loop
+    def evaluate(self) -> dict[str, float]:
+        cfg = self.config
+        params = SamplingParams(
+            temperature=cfg.eval.temperature,
+            top_p=cfg.eval.top_p,
+            max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+        )
+        t0 = time.perf_counter()
+        metrics = evaluate(
+            self.engine,
+            self.tokenizer,
+            self.task,
+            self.eval_problems,
+            k=cfg.eval.k,
+            params=params,
+            seed=derive_seed(cfg.train.seed, "eval"),
+        )
+        metrics["time/eval"] = time.perf_counter() - t0
+        return metrics
+
+    def _save_samples(self, step: int, output: StepOutput) -> None:
+        n = self.config.train.rollout_samples_per_step
+        path = self.run_dir / "rollouts.jsonl"
+        with path.open("a") as f:
+            for gi, (problem, group) in enumerate(zip(output.problems, output.groups, strict=True)):
+                if gi >= n:
+                    break
+                for ri, rollout in enumerate(group):
+                    teacher = output.teacher_inputs[gi][ri] if output.teacher_inputs else None
+                    record = {
+                        "step": step,
+                        "problem": problem.id,
+                        "question": problem.question,
+                        "response": rollout.text,
+                        "reward": output.verdicts[gi][ri].reward,
+                        "truncated": rollout.truncated,
+                        "teacher_prompt": teacher.text if teacher else None,
+                        "has_context": teacher.has_context if teacher else None,
+                        "successes": list(teacher.context.successes) if teacher else None,
+                        "failures": list(teacher.context.failures) if teacher else None,
+                    }
+                    f.write(json.dumps(record) + "\n")
+
+    def _checkpoint(self) -> None:
+        save_checkpoint(
+            self.run_dir,
+            state=self.state,
+            student=self.student,
+            tokenizer=self.tokenizer,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            teacher=self.teacher,
+            reference=self.reference,
+        )
+
+    def train(self) -> RunResult:
+        cfg = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.run_dir / "config.yaml")
+        resumed = self.resume_from is not None
+        sinks = build_sinks(
+            self.run_dir,
+            cfg.logging.sinks,
+            run_name=self.run_dir.name,
+            config_dict=to_dict(cfg),
+            resume_from_step=self.state.step if resumed else None,
+        )
+        result = RunResult(self.run_dir)
+        every = cfg.eval.every
+        try:
+            if not resumed:
+                ev = self.evaluate()
+                sinks.log(0, ev)
+                result.evals.append({"step": 0, **ev})
+            bar = tqdm(
+                total=cfg.train.steps,
+                initial=self.state.step,
+                desc=f"{cfg.method}",
+                disable=not cfg.logging.progress,
+                dynamic_ncols=True,
+            )
+            while self.state.step < cfg.train.steps:
+                step = self.state.step + 1
+                problems = training_problems(
+                    self.train_problems,
+                    seed=cfg.train.seed,
+                    start=self.state.data_position,
+                    count=cfg.train.prompts_per_step,
+                )
+                output, metrics = train_step(
+                    self.modules, problems, seed=derive_seed(cfg.train.seed, "step", step)
+                )
+                self.state = TrainerState(step, self.state.data_position + len(problems))
+                if every and step % every == 0 and step != cfg.train.steps:
+                    ev = self.evaluate()
+                    metrics.update(ev)
+                    result.evals.append({"step": step, **ev})
+                if step == cfg.train.steps:
+                    ev = self.evaluate()
+                    metrics.update(ev)
+                    result.evals.append({"step": step, **ev})
+                sinks.log(step, metrics)
+                result.history.append({"step": step, **metrics})
+                if cfg.train.save_rollouts:
+                    self._save_samples(step, output)
+                bar.update(1)
+                bar.set_postfix(
+                    reward=f"{metrics['rollout/reward_mean']:.2f}",
+                    loss=f"{metrics['loss/total']:.4f}",
+                    ctx=f"{metrics.get('teacher/context_fraction', float('nan')):.2f}",
+                )
+                periodic = cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0
+                if periodic or step == cfg.train.steps:
+                    self._checkpoint()
+            bar.close()
+        finally:
+            sinks.close()
+        write_report(
+            self.run_dir, title=f"{cfg.method} on {cfg.task.name}", config_summary=_summary(cfg)
+        )
+        return result
+
+
+def _summary(cfg: Config) -> dict[str, Any]:
+    return {
+        "method": cfg.method,
+        "model": cfg.model.name,
+        "task": cfg.task.name,
+        "steps": cfg.train.steps,
+        "prompts x rollouts": f"{cfg.train.prompts_per_step} x {cfg.rollout.n}",
+        "max new tokens": cfg.rollout.max_new_tokens,
+        "lr": cfg.optim.lr,
+        "peers (S, F)": f"{cfg.peers.n_success}, {cfg.peers.n_failure}",
+        "teacher": cfg.teacher.kind,
+    }
+
+
+def final_summary(result: RunResult) -> str:
+    """The terminal table printed at the end of `mopd train`."""
+    rows = eval_summary_rows(result.evals)
+    return summary_table(rows, headers=("metric", "before", "after"))

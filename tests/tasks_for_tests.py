@@ -1,0 +1,41 @@
+"""A task plugin for trainer tests: a random tiny model gets mixed rewards on it.
+
+Reward 1 when the response has an even number of characters: about half the samples of
+any model succeed, so groups are mixed and every method has signal to learn from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mopd.types import Problem, Verdict
+
+
+@dataclass(frozen=True)
+class ParityTask:
+    n_train: int = 16
+    n_eval: int = 4
+    name: str = "parity"
+
+    def _problems(self, split: str, n: int) -> list[Problem]:
+        return [
+            Problem(
+                id=f"parity-{split}-{i}",
+                messages=({"role": "user", "content": f"Say something ({split} {i})."},),
+            )
+            for i in range(n)
+        ]
+
+    def train_problems(self) -> list[Problem]:
+        return self._problems("train", self.n_train)
+
+    def eval_problems(self) -> list[Problem]:
+        return self._problems("eval", self.n_eval)
+
+    def verify(self, problem: Problem, response: str) -> Verdict:
+        ok = len(response) % 2 == 0
+        return Verdict(reward=1.0 if ok else 0.0, feedback=None if ok else "odd length")
+
+
+def make_parity_task(**options: int) -> ParityTask:
+    return ParityTask(**options)
