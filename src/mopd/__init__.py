@@ -1,2 +1,3 @@
 """Multi-Rollout On-Policy Distillation."""
+
 __version__ = "0.1.0"

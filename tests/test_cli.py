@@ -1,0 +1,68 @@
+"""The command line: errors before any model loads, help, a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import pytest
+
+from mopd.cli import main
+
+
+@pytest.mark.unit
+def test_unknown_key_fails_before_loading_with_a_suggestion(capsys):
+    assert main(["train", "rollout.tempeature=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'rollout.tempeature'" in err and "rollout.temperature" in err
+
+
+@pytest.mark.unit
+def test_bad_override_syntax_is_explained(capsys):
+    assert main(["train", "rollout.n"]) == 2
+    assert "key=value" in capsys.readouterr().err
+
+
+@pytest.mark.unit
+def test_help_lists_keys_with_defaults(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "peers.n_success = 2" in out and "methods:" in out
+
+
+@pytest.mark.integration
+def test_train_then_resume_then_eval_from_the_command_line(tmp_path, tiny_model_dir, capsys):
+    common = [
+        f"model.name={tiny_model_dir}",
+        "task.name=tasks_for_tests:make_parity_task",
+        "rollout.n=2",
+        "rollout.max_new_tokens=4",
+        "train.prompts_per_step=1",
+        "eval.k=2",
+        f"logging.output_dir={tmp_path}",
+        "logging.run_name=cli",
+        "logging.progress=false",
+    ]
+    assert main(["train", "train.steps=1", *common]) == 0
+    out = capsys.readouterr().out
+    assert "before" in out and "after" in out
+    run = tmp_path / "cli"
+    assert main(["train", "--resume", str(run), "train.steps=2"]) == 0
+    assert (run / "checkpoints" / "step-000002" / "student" / "config.json").exists()
+    student = run / "checkpoints" / "step-000002" / "student"
+    code = main(
+        [
+            "eval",
+            "--model",
+            str(student),
+            "--task",
+            "tasks_for_tests:make_parity_task",
+            "--k",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--output",
+            str(tmp_path / "eval.json"),
+        ]
+    )
+    assert code == 0
+    assert "eval/mean@2" in (tmp_path / "eval.json").read_text()

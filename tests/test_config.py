@@ -1,0 +1,97 @@
+"""Config resolution: layers, presets, recipes, validation messages."""
+
+from __future__ import annotations
+
+import pytest
+
+from mopd.config import (
+    METHODS,
+    ConfigError,
+    load_config,
+    load_saved_config,
+    save_config,
+    valid_keys,
+)
+
+pytestmark = pytest.mark.unit
+
+
+def test_defaults_and_every_packaged_recipe_resolve():
+    assert load_config().method == "mopd"
+    for method in METHODS:
+        cfg = load_config(method)
+        assert cfg.method == method
+
+
+def test_method_preset_sets_the_loss_and_context():
+    cfg = load_config("demo", ["method=sdpo"])
+    assert (cfg.loss.kind, cfg.peers.n_success, cfg.peers.n_failure) == ("distill", 1, 0)
+    assert cfg.peers.include_feedback is True
+    assert load_config("demo", ["method=grpo"]).loss.kind == "grpo"
+    opd = load_config("opd")
+    assert opd.teacher.kind == "external" and opd.teacher.use_context is False
+
+
+def test_overrides_win_over_recipe_and_preset():
+    cfg = load_config("mopd", ["peers.n_failure=0", "rollout.n=3", "optim.lr=1e-4"])
+    assert cfg.peers.n_failure == 0 and cfg.rollout.n == 3
+    assert cfg.optim.lr == pytest.approx(1e-4)  # YAML reads 1e-4 as text: coerced
+
+
+def test_recipe_extends_another(tmp_path):
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: demo\nrollout: {n: 5}\n")
+    cfg = load_config(str(child))
+    assert cfg.rollout.n == 5
+    assert cfg.train.prompts_per_step == load_config("demo").train.prompts_per_step
+
+
+def test_unknown_key_names_the_nearest_valid_key():
+    with pytest.raises(ConfigError, match=r"rollout\.temperature"):
+        load_config("demo", ["rollout.temperatur=0.5"])
+
+
+def test_unknown_key_in_a_recipe_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: {learning_rate: 0.1}\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*optim\.lr"):
+        load_config(str(bad))
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("rollout.n=0", "rollout.n"),
+        ("loss.alpha=1.5", "loss.alpha"),
+        ("model.dtype=float16", "model.dtype"),
+        ("rollout.n=abc", "rollout.n"),
+        ("peers.n_success=9", "n_success"),
+        ("method=ppo", "method"),
+        ("loss.estimator=sampled-token", "loss.estimator"),
+    ],
+)
+def test_invalid_values_name_the_field(override, field):
+    with pytest.raises(ConfigError, match=field):
+        load_config("demo", [override])
+
+
+def test_changing_the_task_drops_the_recipe_task_options():
+    cfg = load_config("demo", ["task.name=my.module:factory"])
+    assert cfg.task.options == {}
+    kept = load_config("demo", ["task.options.n_eval=7"])
+    assert kept.task.options["n_eval"] == 7 and kept.task.options["digits"] == 1
+
+
+def test_saved_config_round_trips_with_overrides(tmp_path):
+    cfg = load_config("demo", ["rollout.n=3", "teacher.templates.instruction=Solve it."])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_saved_config(tmp_path / "config.yaml", ["train.steps=99"])
+    assert again.rollout.n == 3 and again.train.steps == 99
+    assert again.teacher.templates.instruction == "Solve it."
+    assert again.peers == cfg.peers
+
+
+def test_valid_keys_cover_nested_sections():
+    keys = valid_keys()
+    assert "peers.control" in keys and "teacher.templates.failure_header" in keys
+    assert "model" not in keys

@@ -1,0 +1,71 @@
+"""Teacher inputs: chat-templated teacher prompts built from peer contexts."""
+
+from __future__ import annotations
+
+import pytest
+
+from mopd.core.peers import PeerConfig
+from mopd.core.prompts import DEFAULT_TEMPLATES, render_teacher_prompt
+from mopd.training.contexts import build_teacher_inputs, chat_prompt_ids
+from mopd.types import Problem, Rollout, Verdict
+
+pytestmark = pytest.mark.integration
+
+PROBLEM = Problem(id="p", messages=({"role": "user", "content": "What is 2 + 3?"},), answer=5)
+
+
+def _group(texts: list[str], rewards: list[float]):
+    rollouts = [Rollout(response_ids=(1, 2), logprobs=(-0.1, -0.2), text=t) for t in texts]
+    verdicts = [Verdict(reward=r, feedback=None if r else "wrong") for r in rewards]
+    return rollouts, verdicts
+
+
+def _inputs(tokenizer, rewards, *, peers=None, max_tokens=2048, use_context=True):
+    texts = [f"answer {i}" for i in range(len(rewards))]
+    rollouts, verdicts = _group(texts, rewards)
+    return build_teacher_inputs(
+        tokenizer,
+        [PROBLEM],
+        [rollouts],
+        [verdicts],
+        peers=peers or PeerConfig.named("2S1F"),
+        templates=DEFAULT_TEMPLATES,
+        max_prompt_tokens=max_tokens,
+        use_context=use_context,
+        seed=0,
+    )[0], texts
+
+
+def test_teacher_prompt_is_the_rendered_context_in_the_chat_template(tokenizer):
+    inputs, texts = _inputs(tokenizer, [1, 1, 1, 0])
+    first = inputs[0]  # a success: sees two other successes and the failure
+    assert first.has_context and len(first.context.successes) == 2
+    expected_text = render_teacher_prompt(
+        PROBLEM.question,
+        [texts[j] for j in first.context.successes],
+        [texts[j] for j in first.context.failures],
+    )
+    assert first.text == expected_text
+    messages = [{"role": "user", "content": expected_text}]
+    assert list(first.prompt_ids) == chat_prompt_ids(tokenizer, messages)
+    decoded = tokenizer.decode(first.prompt_ids)
+    assert decoded.rstrip().endswith("assistant")  # generation header kept at the end
+
+
+def test_lone_success_without_failures_gets_no_context_and_the_plain_prompt(tokenizer):
+    inputs, _ = _inputs(tokenizer, [1], peers=PeerConfig.named("2S1F"))
+    assert not inputs[0].has_context
+    assert list(inputs[0].prompt_ids) == chat_prompt_ids(tokenizer, PROBLEM.messages)
+
+
+def test_budget_too_small_for_any_peer_leaves_rollout_without_context(tokenizer):
+    plain = len(chat_prompt_ids(tokenizer, PROBLEM.messages))
+    inputs, _ = _inputs(tokenizer, [1, 1, 0], max_tokens=plain + 2)
+    assert all(not t.has_context for t in inputs)
+    assert all(t.truncated for t in inputs)
+
+
+def test_question_only_teacher_gives_every_rollout_the_loss(tokenizer):
+    inputs, _ = _inputs(tokenizer, [0, 0], use_context=False)
+    assert all(t.has_context for t in inputs)
+    assert all(list(t.prompt_ids) == chat_prompt_ids(tokenizer, PROBLEM.messages) for t in inputs)
