@@ -43,7 +43,7 @@ TRAINING_PNG = "training.png"
 EVAL_PNG = "eval.png"
 _DPI = 120
 _EVAL_KEY = re.compile(r"^eval/(mean|pass)@(\d+)$")
-_TIME_ORDER = ("generate", "verify", "teacher", "student", "optimizer")  # pipeline order
+_TIME_ORDER = ("generate", "verify", "context", "teacher", "student", "optimizer")  # pipeline order
 
 
 @dataclass(frozen=True)
@@ -332,7 +332,8 @@ def _timing_section(rows: Sequence[Row]) -> str:
     if not phases:
         return "## Time per step\n\nNo `time/*` metrics were logged."
     ordered = [p for p in _TIME_ORDER if p in phases]
-    ordered += sorted(phases - {*_TIME_ORDER, "step"})
+    # Evaluation runs between steps, not inside them: reported on its own line below.
+    ordered += sorted(phases - {*_TIME_ORDER, "step", "eval"})
     means = {p: _mean(_series(rows, f"time/{p}")[1]) for p in [*ordered, "step"]}
     total = means["step"] if "step" in phases else None
     itemised = [(p, means[p]) for p in ordered]
@@ -350,6 +351,12 @@ def _timing_section(rows: Sequence[Row]) -> str:
         "Mean seconds per step over the steps that logged each phase.",
         _md_table(("phase", "mean (s)", "share of step"), table_rows),
     ]
+    eval_times = _series(rows, "time/eval")[1]
+    if eval_times:
+        parts.append(
+            f"Evaluation (between steps): {_mean(eval_times):.2f} s on average over "
+            f"{len(eval_times)} evaluations."
+        )
     throughput = _mean(_series(rows, "perf/tokens_per_s")[1])
     if throughput is not None:
         parts.append(f"Throughput: {throughput:,.0f} tokens/s (mean of `perf/tokens_per_s`).")
