@@ -1,15 +1,77 @@
-"""Held-out evaluation during training: mean@k and pass@k over the task's eval prompts."""
+"""Held-out evaluation: mean@k and pass@k over a task's eval prompts, with CIs and diversity.
+
+:func:`sample_and_verify` draws k responses per prompt and scores them; :func:`evaluate`
+turns that into the flat ``eval/*`` metrics the trainer logs. Besides mean@k, pass@1 and
+pass@k it adds the prompt-level 95% bootstrap interval of each (``eval/ci_low/<name>``,
+``eval/ci_high/<name>``) and the diversity of each prompt's samples
+(``eval/distinct_1``, ``eval/distinct_2``, ``eval/unique_ratio``, ``eval/self_bleu``), so
+that run reports can show both without keeping the responses.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from mopd.evaluation.metrics import pass_at_k
+from mopd.evaluation.diversity import diversity_summary
+from mopd.evaluation.sampling import sampling_summary
 from mopd.rollout.base import RolloutEngine, SamplingParams
 from mopd.tasks.base import Task, verify_batch
 from mopd.training.contexts import chat_prompt_ids
 from mopd.types import Problem
+
+
+@dataclass(frozen=True)
+class EvalSamples:
+    """k verified samples for each prompt, in prompt order."""
+
+    problem_ids: list[str]
+    rewards: list[list[float]]  # (P, k)
+    texts: list[list[str]]  # (P, k)
+    response_tokens: list[list[int]]  # (P, k)
+
+
+def sample_and_verify(
+    engine: RolloutEngine,
+    tokenizer: Any,
+    task: Task,
+    problems: Sequence[Problem],
+    *,
+    k: int,
+    params: SamplingParams,
+    seed: int,
+) -> EvalSamples:
+    """Sample k responses per prompt and verify them (one verifier call for the batch)."""
+    prompt_ids = [chat_prompt_ids(tokenizer, p.messages) for p in problems]
+    groups = engine.generate(prompt_ids, n=k, params=params, seed=seed)
+    flat = verify_batch(
+        task,
+        [p for p, g in zip(problems, groups, strict=True) for _ in g],
+        [r.text for g in groups for r in g],
+    )
+    return EvalSamples(
+        problem_ids=[p.id for p in problems],
+        rewards=[[v.reward for v in flat[i * k : (i + 1) * k]] for i in range(len(groups))],
+        texts=[[r.text for r in g] for g in groups],
+        response_tokens=[[len(r.response_ids) for r in g] for g in groups],
+    )
+
+
+def eval_metrics(
+    samples: EvalSamples, k: int, *, threshold: float = 0.5, n_boot: int = 1000
+) -> dict[str, float]:
+    """Flat ``eval/*`` metrics of `samples` (module docstring); pass@k only for k > 1."""
+    summary = sampling_summary(samples.rewards, k, threshold=threshold, n_boot=n_boot)
+    names = [f"mean@{k}", "pass@1", *([f"pass@{k}"] if k > 1 else [])]
+    lengths = [n for row in samples.response_tokens for n in row]
+    metrics = {f"eval/{name}": summary[name].mean for name in names}
+    metrics["eval/response_tokens_mean"] = sum(lengths) / len(lengths)
+    for name in names:
+        metrics[f"eval/ci_low/{name}"] = summary[name].low
+        metrics[f"eval/ci_high/{name}"] = summary[name].high
+    metrics.update({f"eval/{n}": v for n, v in diversity_summary(samples.texts).items()})
+    return metrics
 
 
 def evaluate(
@@ -25,26 +87,35 @@ def evaluate(
     """Sample k responses per prompt and score them.
 
     Returns ``eval/mean@k`` (mean reward), ``eval/pass@1`` and ``eval/pass@k`` (unbiased
-    estimator with n = k samples and a success meaning reward >= 0.5), and the mean
-    response length.
+    estimator with n = k samples and a success meaning reward >= 0.5), the mean response
+    length, their bootstrap intervals and the diversity metrics (module docstring).
     """
-    prompt_ids = [chat_prompt_ids(tokenizer, p.messages) for p in problems]
-    groups = engine.generate(prompt_ids, n=k, params=params, seed=seed)
-    rewards: list[float] = []
-    correct: list[int] = []
-    lengths: list[int] = []
-    for problem, group in zip(problems, groups, strict=True):
-        verdicts = verify_batch(task, [problem] * len(group), [r.text for r in group])
-        rs = [v.reward for v in verdicts]
-        rewards.append(sum(rs) / len(rs))
-        correct.append(sum(1 for r in rs if r >= 0.5))
-        lengths.extend(len(r.response_ids) for r in group)
-    n = len(problems)
-    metrics = {
-        f"eval/mean@{k}": sum(rewards) / n,
-        "eval/pass@1": sum(pass_at_k(k, c, 1) for c in correct) / n,
-        "eval/response_tokens_mean": sum(lengths) / len(lengths),
-    }
-    if k > 1:
-        metrics[f"eval/pass@{k}"] = sum(pass_at_k(k, c, k) for c in correct) / n
-    return metrics
+    samples = sample_and_verify(engine, tokenizer, task, problems, k=k, params=params, seed=seed)
+    return eval_metrics(samples, k)
+
+
+def summarize_samples(
+    samples_by_task: dict[str, EvalSamples],
+    k: int,
+    *,
+    threshold: float = 0.5,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """JSON-ready per-task and overall summary: mean@k, pass@1..k with CIs, diversity.
+
+    "overall" pools the prompts of every task, so each prompt weighs the same.
+    """
+
+    def block(rewards: list[list[float]], texts: list[list[str]]) -> dict[str, Any]:
+        summary = sampling_summary(rewards, k, threshold=threshold, n_boot=n_boot, seed=seed)
+        return {
+            "n_prompts": len(rewards),
+            "metrics": {name: s.as_dict() for name, s in summary.items()},
+            "diversity": diversity_summary(texts),
+        }
+
+    tasks = {name: block(s.rewards, s.texts) for name, s in samples_by_task.items()}
+    pooled_rewards = [r for s in samples_by_task.values() for r in s.rewards]
+    pooled_texts = [t for s in samples_by_task.values() for t in s.texts]
+    return {"tasks": tasks, "overall": block(pooled_rewards, pooled_texts)}

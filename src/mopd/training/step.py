@@ -262,10 +262,16 @@ def train_step(
 
     # 3. Verifier.
     t0 = time.perf_counter()
-    verdicts = [
-        verify_batch(mods.task, [p] * len(g), [r.text for r in g])
-        for p, g in zip(problems, groups, strict=True)
-    ]
+    # One call for the whole batch, so a verifier can run it in parallel.
+    flat = verify_batch(
+        mods.task,
+        [p for p, g in zip(problems, groups, strict=True) for _ in g],
+        [r.text for g in groups for r in g],
+    )
+    starts = [0]
+    for g in groups:
+        starts.append(starts[-1] + len(g))
+    verdicts = [flat[a:b] for a, b in zip(starts, starts[1:], strict=False)]
     times["verify"] = time.perf_counter() - t0
     threshold = cfg.peers.success_threshold
     rewards_PG = [[v.reward for v in vs] for vs in verdicts]
