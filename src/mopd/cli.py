@@ -1,6 +1,8 @@
-"""Command line: ``mopd train`` and ``mopd eval``.
+"""Command line: ``mopd train``, ``mopd eval``, ``mopd analyze`` and ``mopd report``.
 
 Configuration errors are reported before any model is loaded, naming the key to fix.
+Commands that load models import torch and transformers lazily, so ``--help`` and
+``mopd report`` stay fast.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from mopd.config import (
     METHODS,
@@ -20,6 +23,9 @@ from mopd.config import (
     to_dict,
     valid_keys,
 )
+
+if TYPE_CHECKING:
+    from mopd.training.evaluate import EvalSamples
 
 
 def _options_help() -> str:
@@ -32,6 +38,22 @@ def _options_help() -> str:
         lines.append(f"  {key} = {json.dumps(value)}")
     lines.append(f"methods: {', '.join(METHODS)}  (e.g. method=grpo)")
     return "\n".join(lines)
+
+
+def _default_conditions() -> tuple[str, ...]:
+    from mopd.core.peers import NAMED_CONTEXTS
+
+    return (*NAMED_CONTEXTS, "random_peer", "unrelated_prompt")
+
+
+def _sampling_args(parser: argparse.ArgumentParser, *, temperature: float, top_p: float) -> None:
+    parser.add_argument("--temperature", type=float, default=temperature)
+    parser.add_argument("--top-p", type=float, default=top_p)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-prompts", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--threads", type=int, default=1)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,19 +71,60 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run folder")
     train.add_argument("overrides", nargs="*", metavar="key=value")
 
-    ev = sub.add_parser("eval", help="mean@k / pass@k of a model on a task's eval prompts")
-    ev.add_argument("--model", required=True, help="HF id, local folder, or packaged:NAME")
-    ev.add_argument("--task", default="arithmetic", help="task name or module:factory")
-    ev.add_argument("--k", type=int, default=8)
-    ev.add_argument("--temperature", type=float, default=0.6)
-    ev.add_argument("--top-p", type=float, default=0.95)
-    ev.add_argument("--max-new-tokens", type=int, default=64)
-    ev.add_argument("--max-prompts", type=int, default=None)
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ev.add_argument("--threads", type=int, default=1)
-    ev.add_argument("--output", type=Path, help="write the metrics as JSON here")
+    ev = sub.add_parser(
+        "eval", help="mean@k and pass@1..k with bootstrap CIs of models on tasks' eval prompts"
+    )
+    ev.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        help="HF id, local folder, or packaged:NAME (repeat to compare models)",
+    )
+    ev.add_argument(
+        "--run",
+        type=Path,
+        metavar="RUN_DIR",
+        help="evaluate every checkpoint of this run folder (checkpoints/step-*/student)",
+    )
+    ev.add_argument(
+        "--task",
+        action="append",
+        default=[],
+        help="task name or module:factory (repeat for several; default arithmetic)",
+    )
+    ev.add_argument("--k", type=int, default=8, help="samples per prompt; pass@1..k are reported")
+    _sampling_args(ev, temperature=0.6, top_p=0.95)
+    ev.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the CIs")
+    ev.add_argument("--output", type=Path, help="write the results as JSON here (and a .md table)")
     ev.add_argument("options", nargs="*", metavar="option=value", help="task options")
+
+    an = sub.add_parser(
+        "analyze",
+        help="teacher-signal analysis: does each context make teacher scores follow rewards?",
+    )
+    an.add_argument("--model", required=True, help="student (and default teacher) model")
+    an.add_argument("--teacher", help="score with this model instead (same tokenizer)")
+    an.add_argument("--task", default="arithmetic", help="task name or module:factory")
+    an.add_argument(
+        "--rollouts",
+        type=Path,
+        help="read groups from a run's rollouts_full.jsonl / rollouts.jsonl instead of sampling",
+    )
+    an.add_argument("--conditions", default=",".join(_default_conditions()))
+    an.add_argument("--control-base", default="2S1F", help="named context the controls match")
+    an.add_argument("--policy", default="random", choices=["random", "first", "shortest"])
+    an.add_argument("--n", type=int, default=8, help="rollouts per prompt (group size G)")
+    _sampling_args(an, temperature=1.0, top_p=1.0)
+    an.add_argument("--max-teacher-tokens", type=int, default=4096)
+    an.add_argument("--batch-size", type=int, default=8, help="rows per scoring forward")
+    an.add_argument("--n-boot", type=int, default=1000)
+    an.add_argument("--output-dir", type=Path, default=Path("analysis"))
+    an.add_argument("options", nargs="*", metavar="option=value", help="task options")
+
+    rep = sub.add_parser("report", help="one page (markdown + PNGs) comparing run folders")
+    rep.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
+    rep.add_argument("--output", type=Path, default=Path("compare"), help="output folder")
+    rep.add_argument("--title", default="Run comparison")
     return parser
 
 
@@ -83,7 +146,27 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _task_options(options: Sequence[str]) -> dict[str, object]:
+    return dict(load_config(None, [f"task.options.{o}" for o in options]).task.options)
+
+
+def _eval_models(args: argparse.Namespace) -> list[tuple[str, int | None]]:
+    """(model, step) pairs: --model values, then the checkpoints of --run by step."""
+    models: list[tuple[str, int | None]] = [(m, None) for m in args.model]
+    if args.run is not None:
+        found = sorted((args.run / "checkpoints").glob("step-*/student"))
+        if not found:
+            raise ConfigError(f"--run {args.run}: no checkpoints/step-*/student folders in it")
+        models += [(str(p), int(p.parent.name.removeprefix("step-"))) for p in found]
+    if not models:
+        raise ConfigError("mopd eval needs --model PATH (repeatable) or --run RUN_DIR")
+    return models
+
+
 def _eval(args: argparse.Namespace) -> int:
+    if args.k < 1:
+        raise ConfigError(f"--k must be >= 1, got {args.k}")
+    models = _eval_models(args)
     import torch
 
     from mopd.models.loading import load_model, load_tokenizer
@@ -91,32 +174,191 @@ def _eval(args: argparse.Namespace) -> int:
     from mopd.rollout.base import SamplingParams
     from mopd.rollout.hf import HFRolloutEngine
     from mopd.tasks.registry import build_task
-    from mopd.training.evaluate import evaluate
+    from mopd.training.evaluate import eval_metrics, sample_and_verify, summarize_samples
 
-    options = load_config(None, [f"task.options.{o}" for o in args.options]).task.options
-    task = build_task(args.task, options)
-    problems = list(task.eval_problems())[: args.max_prompts]
+    options = _task_options(args.options)
+    tasks = {name: build_task(name, options) for name in args.task or ["arithmetic"]}
     torch.set_num_threads(args.threads)
-    tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model, dtype=args.dtype)
     params = SamplingParams(
         temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens
     )
-    engine = HFRolloutEngine(model, tokenizer)
-    metrics = evaluate(engine, tokenizer, task, problems, k=args.k, params=params, seed=args.seed)
-    rows = [(name, f"{value:.4f}", "") for name, value in metrics.items()]
-    print(summary_table([(r[0], r[1]) for r in rows], headers=("metric", "value")))  # type: ignore[list-item]
+    results: list[dict[str, Any]] = []
+    table: list[list[str]] = []
+    for model_name, step in models:
+        tokenizer = load_tokenizer(model_name)
+        engine = HFRolloutEngine(load_model(model_name, dtype=args.dtype), tokenizer)
+        samples = {
+            name: sample_and_verify(
+                engine,
+                tokenizer,
+                task,
+                list(task.eval_problems())[: args.max_prompts],
+                k=args.k,
+                params=params,
+                seed=args.seed,
+            )
+            for name, task in tasks.items()
+        }
+        summary = summarize_samples(samples, args.k, n_boot=args.n_boot, seed=args.seed)
+        flat = eval_metrics(_pooled(samples), args.k, n_boot=args.n_boot)
+        results.append({"model": model_name, "step": step, "metrics": flat, **summary})
+        for scope, block in [*summary["tasks"].items(), ("overall", summary["overall"])]:
+            if scope == "overall" and len(tasks) == 1:
+                continue
+            m = block["metrics"]
+            table.append(
+                [model_name if step is None else f"step {step}", scope]
+                + [_ci_text(m[key]) for key in (f"mean@{args.k}", "pass@1", f"pass@{args.k}")]
+            )
+    headers = ("model", "task", f"mean@{args.k}", "pass@1", f"pass@{args.k}")
+    print(summary_table(table, headers=headers))
     if args.output:
-        args.output.write_text(json.dumps(metrics, indent=2))
+        payload = {
+            "k": args.k,
+            "temperature": args.temperature,
+            "top_p": args.top_p,
+            "max_new_tokens": args.max_new_tokens,
+            "seed": args.seed,
+            "results": results,
+        }
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(payload, indent=2))
+        args.output.with_suffix(".md").write_text(_eval_markdown(results, args.k))
+        print(f"\nwrote {args.output} and {args.output.with_suffix('.md')}", file=sys.stderr)
+    return 0
+
+
+def _pooled(samples: dict[str, EvalSamples]) -> EvalSamples:
+    from mopd.training.evaluate import EvalSamples
+
+    parts = list(samples.values())
+    return EvalSamples(
+        [i for s in parts for i in s.problem_ids],
+        [r for s in parts for r in s.rewards],
+        [t for s in parts for t in s.texts],
+        [n for s in parts for n in s.response_tokens],
+    )
+
+
+def _ci_text(stat: dict[str, float]) -> str:
+    return f"{stat['mean']:.3f} [{stat['low']:.3f}, {stat['high']:.3f}]"
+
+
+def _eval_markdown(results: list[dict[str, Any]], k: int) -> str:
+    """One row per (model, scope): mean@k and every pass@j with its CI, then diversity."""
+    from mopd.reporting.report import _md_table
+
+    names = [f"mean@{k}", *(f"pass@{j}" for j in range(1, k + 1))]
+    rows = []
+    for result in results:
+        label = str(result["model"]) if result["step"] is None else f"step {result['step']}"
+        blocks = {**result["tasks"], "overall": result["overall"]}
+        for scope, block in blocks.items():
+            cells = [_ci_text(block["metrics"][n]) for n in names]
+            diversity = block["diversity"].get("self_bleu")
+            rows.append([label, scope, block["n_prompts"], *cells, _fmt(diversity)])
+    table = _md_table(("model", "task", "prompts", *names, "self-BLEU"), rows)
+    return (
+        f"# Evaluation ({k} samples per prompt)\n\nBrackets: 95% bootstrap interval over "
+        "prompts. pass@j: unbiased estimator from the k samples.\n\n" + table + "\n"
+    )
+
+
+def _fmt(value: object) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else "n/a"
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from mopd.training.analysis import condition_config
+
+    conditions = [c.strip() for c in args.conditions.split(",") if c.strip()]
+    try:  # validate the condition names before any model loads
+        for c in conditions:
+            condition_config(c, control_base=args.control_base, policy=args.policy)
+    except ValueError as exc:
+        raise ConfigError(f"--conditions: {exc}") from exc
+    import torch
+
+    from mopd.models.loading import load_model, load_tokenizer
+    from mopd.reporting.report import summary_table
+    from mopd.rollout.base import SamplingParams
+    from mopd.rollout.hf import HFRolloutEngine
+    from mopd.tasks.registry import build_task
+    from mopd.training.analysis import (
+        SIGNAL_HEADERS,
+        analyze_groups,
+        load_rollout_groups,
+        sample_groups,
+        signal_rows,
+        write_analysis,
+    )
+
+    torch.set_num_threads(args.threads)
+    tokenizer = load_tokenizer(args.model)
+    model = load_model(args.model, dtype=args.dtype)
+    teacher = load_model(args.teacher, dtype=args.dtype) if args.teacher else None
+    if args.rollouts is not None:
+        problems, groups, verdicts = load_rollout_groups(
+            args.rollouts, tokenizer, max_groups=args.max_prompts
+        )
+    else:
+        task = build_task(args.task, _task_options(args.options))
+        problems = list(task.eval_problems())[: args.max_prompts]
+        params = SamplingParams(
+            temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens
+        )
+        groups, verdicts = sample_groups(
+            HFRolloutEngine(model, tokenizer),
+            tokenizer,
+            task,
+            problems,
+            n=args.n,
+            params=params,
+            seed=args.seed,
+        )
+    result = analyze_groups(
+        model,
+        tokenizer,
+        problems,
+        groups,
+        verdicts,
+        conditions,
+        teacher=teacher,
+        seed=args.seed,
+        control_base=args.control_base,
+        policy=args.policy,
+        max_prompt_tokens=args.max_teacher_tokens,
+        batch_size=args.batch_size,
+        n_boot=args.n_boot,
+    )
+    result.meta.update(
+        model=args.model,
+        teacher=args.teacher or args.model,
+        source=str(args.rollouts) if args.rollouts else args.task,
+    )
+    source = args.rollouts.name if args.rollouts else args.task
+    paths = write_analysis(result, args.output_dir, title=f"Teacher signal on {source}")
+    print(summary_table(signal_rows(result), headers=SIGNAL_HEADERS))
+    print(f"\nwrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from mopd.reporting.compare import write_comparison
+
+    try:
+        path = write_comparison(args.runs, args.output, title=args.title)
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from exc
+    print(f"report: {path}")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "train":
-            return _train(args)
-        return _eval(args)
+        commands = {"train": _train, "eval": _eval, "analyze": _analyze, "report": _report}
+        return commands[args.command](args)
     except ConfigError as exc:
         print(f"mopd: config error: {exc}", file=sys.stderr)
         return 2

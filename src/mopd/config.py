@@ -172,6 +172,8 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0 = only at the end
     save_rollouts: bool = True  # samples of rollouts with teacher prompts for inspection
     rollout_samples_per_step: int = 2
+    save_all_rollouts: bool = False  # every rollout of every step -> rollouts_full.jsonl
+    all_rollouts_max_mb: float = 200.0  # stop appending once the file reaches this size
 
     def __post_init__(self) -> None:
         _check(self.steps >= 0, "train.steps", "must be >= 0")
@@ -179,6 +181,7 @@ class TrainConfig:
         _check(self.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
         _check(self.threads is None or self.threads >= 1, "train.threads", "must be >= 1 or null")
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
+        _check(self.all_rollouts_max_mb > 0, "train.all_rollouts_max_mb", "must be > 0")
 
 
 @dataclass

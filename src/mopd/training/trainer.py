@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,6 +41,8 @@ from mopd.training.checkpoint import (
 from mopd.training.evaluate import evaluate
 from mopd.training.step import StepModules, StepOutput, train_step
 from mopd.types import Problem
+
+FULL_ROLLOUTS_FILE = "rollouts_full.jsonl"
 
 
 def training_problems(
@@ -85,6 +88,7 @@ class Trainer:
         if resume and self.resume_from is None:
             raise FileNotFoundError(f"--resume {self.run_dir}: no complete checkpoint found in it")
         self._build_models()
+        self._full_rollouts_capped = False
 
     # ------------------------------------------------------------------ set-up
     def _new_run_dir(self) -> Path:
@@ -203,6 +207,47 @@ class Trainer:
                     }
                     f.write(json.dumps(record) + "\n")
 
+    def _save_all(self, step: int, output: StepOutput) -> None:
+        """Every rollout of the step, for `mopd analyze`; stops at the configured file size."""
+        path = self.run_dir / FULL_ROLLOUTS_FILE
+        cap = self.config.train.all_rollouts_max_mb * 2**20
+        if path.exists() and path.stat().st_size >= cap:
+            if not self._full_rollouts_capped:
+                print(
+                    f"mopd: {path} reached train.all_rollouts_max_mb; not appending",
+                    file=sys.stderr,
+                )
+                self._full_rollouts_capped = True
+            return
+        with path.open("a") as f:
+            for gi, (problem, group) in enumerate(zip(output.problems, output.groups, strict=True)):
+                for ri, rollout in enumerate(group):
+                    teacher = output.teacher_inputs[gi][ri] if output.teacher_inputs else None
+                    verdict = output.verdicts[gi][ri]
+                    record = {
+                        "step": step,
+                        "problem": problem.id,
+                        "index": ri,
+                        "messages": [dict(m) for m in problem.messages],
+                        "question": problem.question,
+                        "response": rollout.text,
+                        "response_ids": list(rollout.response_ids),
+                        "truncated": rollout.truncated,
+                        "reward": verdict.reward,
+                        "feedback": verdict.feedback,
+                        "has_context": teacher.has_context if teacher else None,
+                        "successes": list(teacher.context.successes) if teacher else None,
+                        "failures": list(teacher.context.failures) if teacher else None,
+                        "foreign_successes": (
+                            [list(p) for p in teacher.context.foreign_successes]
+                            if teacher
+                            else None
+                        ),
+                        "teacher_prompt_tokens": len(teacher.prompt_ids) if teacher else None,
+                        "teacher_prompt_truncated": teacher.truncated if teacher else None,
+                    }
+                    f.write(json.dumps(record) + "\n")
+
     def _checkpoint(self) -> None:
         save_checkpoint(
             self.run_dir,
@@ -265,6 +310,8 @@ class Trainer:
                 result.history.append({"step": step, **metrics})
                 if cfg.train.save_rollouts:
                     self._save_samples(step, output)
+                if cfg.train.save_all_rollouts:
+                    self._save_all(step, output)
                 bar.update(1)
                 bar.set_postfix(
                     reward=f"{metrics['rollout/reward_mean']:.2f}",
