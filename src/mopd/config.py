@@ -51,10 +51,16 @@ class ModelConfig:
     name: str = "packaged:smollm2-135m-instruct"  # HF id, local folder, or packaged:NAME
     dtype: str = "float32"
     cache_dir: str | None = None  # default: $MOPD_CACHE or ~/.cache/mopd
+    device: str = "auto"  # auto = cuda when available, else cpu; or "cpu", "cuda", "cuda:1"
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "model.name", "must not be empty")
         _one_of(self.dtype, "model.dtype", ("float32", "bfloat16"))
+        _check(
+            self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
+            "model.device",
+            f"got {self.device!r}, expected auto, cpu, cuda, cuda:N or mps",
+        )
 
 
 @dataclass

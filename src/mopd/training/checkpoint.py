@@ -124,12 +124,16 @@ def load_trainer_state(
     reference: Any | None = None,
 ) -> TrainerState:
     """Restore optimizer, scheduler, teacher and RNG states in place; return the counters."""
-    data = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    data = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
     optimizer.load_state_dict(data["optimizer"])
     scheduler.load_state_dict(data["scheduler"])
     if teacher is not None:
-        teacher.load_state_dict(torch.load(ckpt / "teacher.pt", weights_only=False))
+        teacher.load_state_dict(
+            torch.load(ckpt / "teacher.pt", map_location="cpu", weights_only=False)
+        )
     if reference is not None:
-        reference.load_state_dict(torch.load(ckpt / "reference.pt", weights_only=False))
+        reference.load_state_dict(
+            torch.load(ckpt / "reference.pt", map_location="cpu", weights_only=False)
+        )
     set_rng_state(data["rng"])
     return TrainerState(step=data["step"], data_position=data["data_position"])

@@ -14,6 +14,7 @@ contribute zero loss, and they do not count in the denominators either.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Sequence
@@ -271,7 +272,7 @@ def train_step(
     starts = [0]
     for g in groups:
         starts.append(starts[-1] + len(g))
-    verdicts = [flat[a:b] for a, b in zip(starts, starts[1:], strict=False)]
+    verdicts = [flat[a:b] for a, b in itertools.pairwise(starts)]
     times["verify"] = time.perf_counter() - t0
     threshold = cfg.peers.success_threshold
     rewards_PG = [[v.reward for v in vs] for vs in verdicts]

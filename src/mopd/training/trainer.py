@@ -45,6 +45,16 @@ from mopd.types import Problem
 FULL_ROLLOUTS_FILE = "rollouts_full.jsonl"
 
 
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA when present; an explicit device that is missing fails clearly."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"model.device={name!r} but CUDA is not available; use model.device=cpu")
+    return device
+
+
 def training_problems(
     problems: Sequence[Problem], *, seed: int, start: int, count: int
 ) -> list[Problem]:
@@ -101,10 +111,10 @@ class Trainer:
 
     def _build_models(self) -> None:
         cfg = self.config
-        dtype = getattr(torch, cfg.model.dtype)
         source = str(self.resume_from / "student") if self.resume_from else cfg.model.name
         self.tokenizer = load_tokenizer(source, cache_dir=cfg.model.cache_dir)
         self.student = load_model(source, dtype=cfg.model.dtype, cache_dir=cfg.model.cache_dir)
+        self.student.to(resolve_device(cfg.model.device))
         self.teacher: Teacher | None = None
         self.reference: Teacher | None = None
         distill = cfg.loss.kind == "distill" or (cfg.loss.kind == "grpo" and cfg.loss.grpo_mix > 0)
@@ -161,7 +171,6 @@ class Trainer:
             teacher=self.teacher,
             reference=self.reference,
         )
-        del dtype
 
     # ------------------------------------------------------------------ loop
     def evaluate(self) -> dict[str, float]:
