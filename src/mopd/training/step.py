@@ -32,7 +32,12 @@ from mopd.core.losses import (
     topk_divergence,
 )
 from mopd.evaluation.metrics import success_auc
-from mopd.models.scoring import build_scoring_batch, response_logits, response_logprobs
+from mopd.models.scoring import (
+    ScoringBatch,
+    build_scoring_batch,
+    response_logits,
+    response_logprobs,
+)
 from mopd.models.teachers import Teacher
 from mopd.rollout.base import RolloutEngine, SamplingParams
 from mopd.tasks.base import Task, verify_batch
@@ -149,26 +154,38 @@ def _distill_rows(
     return total
 
 
+def _student_forward(
+    mods: StepModules, rows: Sequence[Row], *, temperature: float = 1.0
+) -> tuple[ScoringBatch, torch.Tensor, torch.Tensor]:
+    """Student (with grad) over rows' prompt + response: batch, logp_BR, float mask_BR."""
+    device = next(mods.student.parameters()).device
+    batch = build_scoring_batch(
+        [r.prompt_ids for r in rows],
+        [r.rollout.response_ids for r in rows],
+        mods.tokenizer.pad_token_id,
+    ).to(device)
+    logits_BRV = response_logits(mods.student, batch, temperature=temperature)
+    logp_BR = response_logprobs(logits_BRV, batch.response_ids)
+    return batch, logp_BR, batch.response_mask.to(logp_BR.dtype)
+
+
 def _grpo_rows(mods: StepModules, rows: Sequence[Row], n_all_rows_tokens: list[int]) -> float:
     """PPO-clip policy gradient over rows with a non-zero advantage (others add zero)."""
     cfg = mods.config
-    pad = mods.tokenizer.pad_token_id
     denom = _denominator(cfg.loss.aggregation, n_all_rows_tokens)
-    device = next(mods.student.parameters()).device
     total = 0.0
     for chunk in _chunks(rows, cfg.train.micro_batch_size):
-        batch = build_scoring_batch(
-            [r.prompt_ids for r in chunk], [r.rollout.response_ids for r in chunk], pad
-        ).to(device)
-        logits_BRV = response_logits(mods.student, batch, temperature=cfg.rollout.temperature)
-        logp_BR = response_logprobs(logits_BRV, batch.response_ids)
-        old_BR = _old_logprobs(chunk, logp_BR.shape[1]).to(device)
-        adv_B = torch.tensor([r.advantage for r in chunk], device=device, dtype=logp_BR.dtype)
+        # Old log-probs came from the tempered sampling distribution: score the same one.
+        _, logp_BR, mask_BR = _student_forward(mods, chunk, temperature=cfg.rollout.temperature)
+        old_BR = _old_logprobs(chunk, logp_BR.shape[1]).to(logp_BR.device)
+        adv_B = torch.tensor(
+            [r.advantage for r in chunk], device=logp_BR.device, dtype=logp_BR.dtype
+        )
         loss, _ = grpo_loss(
             logp_BR,
             old_BR,
             adv_B,
-            batch.response_mask.to(logp_BR.dtype),
+            mask_BR,
             clip_low=cfg.loss.clip_low,
             clip_high=cfg.loss.clip_high,
             aggregation=cfg.loss.aggregation,
@@ -181,17 +198,10 @@ def _grpo_rows(mods: StepModules, rows: Sequence[Row], n_all_rows_tokens: list[i
 
 def _sft_rows(mods: StepModules, rows: Sequence[Row]) -> float:
     """Token-mean NLL over verified successes."""
-    cfg = mods.config
-    pad = mods.tokenizer.pad_token_id
     denom = float(sum(len(r.rollout.response_ids) for r in rows))
-    device = next(mods.student.parameters()).device
     total = 0.0
-    for chunk in _chunks(rows, cfg.train.micro_batch_size):
-        batch = build_scoring_batch(
-            [r.prompt_ids for r in chunk], [r.rollout.response_ids for r in chunk], pad
-        ).to(device)
-        logp_BR = response_logprobs(response_logits(mods.student, batch), batch.response_ids)
-        mask_BR = batch.response_mask.to(logp_BR.dtype)
+    for chunk in _chunks(rows, mods.config.train.micro_batch_size):
+        _, logp_BR, mask_BR = _student_forward(mods, chunk)
         loss = aggregate(-logp_BR, mask_BR, "token-mean", denominator=denom)
         loss.backward()
         total += float(loss.detach())
@@ -201,19 +211,13 @@ def _sft_rows(mods: StepModules, rows: Sequence[Row]) -> float:
 def _preference_groups(mods: StepModules, groups: Sequence[Sequence[Row]]) -> float:
     """On-policy DPO / SimPO: pairs inside each group; one group is one micro-batch."""
     cfg = mods.config
-    pad = mods.tokenizer.pad_token_id
-    device = next(mods.student.parameters()).device
     pairs_per_group = [preference_pairs([r.reward for r in g]) for g in groups]
     n_pairs = sum(len(p) for p in pairs_per_group)
     total = 0.0
     for group, pairs in zip(groups, pairs_per_group, strict=True):
         if not pairs:
             continue
-        batch = build_scoring_batch(
-            [r.prompt_ids for r in group], [r.rollout.response_ids for r in group], pad
-        ).to(device)
-        mask_BR = batch.response_mask.float()
-        logp_BR = response_logprobs(response_logits(mods.student, batch), batch.response_ids)
+        batch, logp_BR, mask_BR = _student_forward(mods, group)
         seq_B = (logp_BR * mask_BR).sum(1)
         if cfg.loss.kind == "dpo":
             assert mods.reference is not None

@@ -114,7 +114,8 @@ class Trainer:
         source = str(self.resume_from / "student") if self.resume_from else cfg.model.name
         self.tokenizer = load_tokenizer(source, cache_dir=cfg.model.cache_dir)
         self.student = load_model(source, dtype=cfg.model.dtype, cache_dir=cfg.model.cache_dir)
-        self.student.to(resolve_device(cfg.model.device))
+        # Module.to directly: transformers' typed wrapper of `.to` rejects a torch.device.
+        torch.nn.Module.to(self.student, resolve_device(cfg.model.device))
         self.teacher: Teacher | None = None
         self.reference: Teacher | None = None
         distill = cfg.loss.kind == "distill" or (cfg.loss.kind == "grpo" and cfg.loss.grpo_mix > 0)
