@@ -246,7 +246,7 @@ def _ci_text(stat: dict[str, float]) -> str:
 
 def _eval_markdown(results: list[dict[str, Any]], k: int) -> str:
     """One row per (model, scope): mean@k and every pass@j with its CI, then diversity."""
-    from mopd.reporting.report import _md_table
+    from mopd.reporting.report import md_table
 
     names = [f"mean@{k}", *(f"pass@{j}" for j in range(1, k + 1))]
     rows = []
@@ -257,7 +257,7 @@ def _eval_markdown(results: list[dict[str, Any]], k: int) -> str:
             cells = [_ci_text(block["metrics"][n]) for n in names]
             diversity = block["diversity"].get("self_bleu")
             rows.append([label, scope, block["n_prompts"], *cells, _fmt(diversity)])
-    table = _md_table(("model", "task", "prompts", *names, "self-BLEU"), rows)
+    table = md_table(("model", "task", "prompts", *names, "self-BLEU"), rows)
     return (
         f"# Evaluation ({k} samples per prompt)\n\nBrackets: 95% bootstrap interval over "
         "prompts. pass@j: unbiased estimator from the k samples.\n\n" + table + "\n"

@@ -20,7 +20,7 @@ from mopd.reporting import (
     summary_table,
     write_report,
 )
-from mopd.reporting.report import _moving_average
+from mopd.reporting.report import moving_average
 
 pytestmark = pytest.mark.unit
 
@@ -222,4 +222,4 @@ def test_moving_average_is_the_centred_mean_of_available_neighbours() -> None:
     expected = [
         float(np.mean(values[max(0, i - 1) : min(len(values), i + 2)])) for i in range(len(values))
     ]
-    assert _moving_average(values, window).tolist() == pytest.approx(expected)
+    assert moving_average(values, window).tolist() == pytest.approx(expected)

@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mopd.reporting.report import (
-    _fit_fraction_axis,
-    _md_table,
-    _moving_average,
-    _png_bytes,
-    _series,
-    _smoothing_window,
+    fit_fraction_axis,
+    md_table,
+    metric_series,
+    moving_average,
+    png_bytes,
+    smoothing_window,
 )
 from mopd.reporting.sinks import METRICS_FILE, atomic_write, read_metrics
 
@@ -90,21 +90,21 @@ def _plot_runs(ax: Axes, runs: Sequence[Run], key_of: Any, *, smooth: bool, band
     drawn = False
     for color, run in enumerate(runs):
         key = key_of(run)
-        steps, values = _series(run.rows, key) if key else ([], [])
+        steps, values = metric_series(run.rows, key) if key else ([], [])
         if not steps:
             continue
         drawn = True
         c = f"C{color % 10}"
-        window = _smoothing_window(len(steps)) if smooth else 1
+        window = smoothing_window(len(steps)) if smooth else 1
         if window > 1:
             ax.plot(steps, values, color=c, alpha=0.25, linewidth=0.8)
-            ax.plot(steps, _moving_average(values, window), color=c, linewidth=1.8, label=run.name)
+            ax.plot(steps, moving_average(values, window), color=c, linewidth=1.8, label=run.name)
         else:
             ax.plot(steps, values, color=c, marker="o", markersize=4, linewidth=1.6, label=run.name)
         if band:
             name = key.removeprefix("eval/")
-            lows = dict(zip(*_series(run.rows, f"eval/ci_low/{name}"), strict=True))
-            highs = dict(zip(*_series(run.rows, f"eval/ci_high/{name}"), strict=True))
+            lows = dict(zip(*metric_series(run.rows, f"eval/ci_low/{name}"), strict=True))
+            highs = dict(zip(*metric_series(run.rows, f"eval/ci_high/{name}"), strict=True))
             both = [s for s in steps if s in lows and s in highs]
             if both:
                 low = [lows[s] for s in both]
@@ -133,7 +133,7 @@ def _figure(
 ) -> bytes | None:
     from matplotlib.figure import Figure
 
-    has = [p for p in panels if any(_series(r.rows, p.key_of(r) or "")[0] for r in runs)]
+    has = [p for p in panels if any(metric_series(r.rows, p.key_of(r) or "")[0] for r in runs)]
     if not has:
         return None
     cols = 2 if len(has) > 1 else 1
@@ -146,11 +146,11 @@ def _figure(
         ax.set_ylabel(panel.ylabel)
         ax.set_xlabel("training step")
         if panel.fraction:
-            _fit_fraction_axis(ax)
+            fit_fraction_axis(ax)
     for ax in axes[len(has) :]:
         ax.set_visible(False)
     figure.suptitle(title)
-    return _png_bytes(figure)
+    return png_bytes(figure)
 
 
 def _eval_key(kind: str) -> Any:
@@ -218,31 +218,31 @@ def signal_png(conditions: Sequence[tuple[str, MetricSummary]], *, title: str) -
     ax.set_title(f"{title}\nmean over prompts with a success and a failure, 95% bootstrap CI")
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(loc="upper left", fontsize="small")
-    return _png_bytes(figure)
+    return png_bytes(figure)
 
 
 # ------------------------------------------------------------------------ page
 
 
 def _cell(run: Run, key: str) -> str:
-    steps, values = _series(run.rows, key)
+    steps, values = metric_series(run.rows, key)
     if not steps:
         return "n/a"
     name = key.removeprefix("eval/")
-    low = dict(zip(*_series(run.rows, f"eval/ci_low/{name}"), strict=True)).get(steps[-1])
-    high = dict(zip(*_series(run.rows, f"eval/ci_high/{name}"), strict=True)).get(steps[-1])
+    low = dict(zip(*metric_series(run.rows, f"eval/ci_low/{name}"), strict=True)).get(steps[-1])
+    high = dict(zip(*metric_series(run.rows, f"eval/ci_high/{name}"), strict=True)).get(steps[-1])
     text = f"{values[-1]:.3f}"
     return f"{text} [{low:.3f}, {high:.3f}]" if low is not None and high is not None else text
 
 
 def _last_eval_step(run: Run) -> str:
     key = _eval_key("mean")(run)
-    steps = _series(run.rows, key)[0] if key else []
+    steps = metric_series(run.rows, key)[0] if key else []
     return str(steps[-1]) if steps else "n/a"
 
 
 def _mean_of(run: Run, key: str) -> str:
-    values = _series(run.rows, key)[1]
+    values = metric_series(run.rows, key)[1]
     return f"{sum(values) / len(values):.2f}" if values else "n/a"
 
 
@@ -305,10 +305,10 @@ def write_comparison(
         )
     sections = [
         f"# {title}",
-        _md_table(("run", "method", "task", "last step", "folder"), run_rows),
+        md_table(("run", "method", "task", "last step", "folder"), run_rows),
         "## Final evaluation",
         "Last evaluation of each run; brackets: 95% bootstrap interval over prompts.",
-        _md_table(
+        md_table(
             ("run", "step", "K", "mean@K", "pass@1", "pass@K", "self-BLEU", "s / step"),
             final_rows,
         ),

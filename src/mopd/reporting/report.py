@@ -98,7 +98,7 @@ def _number(value: Any) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def _series(rows: Sequence[Row], key: str) -> tuple[list[int], list[float]]:
+def metric_series(rows: Sequence[Row], key: str) -> tuple[list[int], list[float]]:
     """(steps, values) of `key`, sorted by step, finite values only, later rows win."""
     by_step: dict[int, float] = {}
     for row in rows:
@@ -171,12 +171,12 @@ def summary_table(
     return "\n".join([render(table[0]), rule, *(render(row) for row in table[1:])])
 
 
-def _smoothing_window(n_points: int) -> int:
+def smoothing_window(n_points: int) -> int:
     """Odd centred window: none below 40 points, about 5% of the run above."""
     return 2 * (n_points // 40) + 1
 
 
-def _moving_average(values: Sequence[float], window: int) -> np.ndarray:
+def moving_average(values: Sequence[float], window: int) -> np.ndarray:
     """Centred mean over `window` points, shrinking at the ends (no edge dip towards 0)."""
     kernel = np.ones(window)
     sums = np.convolve(np.asarray(values, dtype=np.float64), kernel, mode="same")
@@ -190,16 +190,16 @@ def _draw_lines(ax: Axes, rows: Sequence[Row], lines: Sequence[_Line], smooth: b
 
     used_window, all_steps = 1, []
     for color, line in enumerate(lines):
-        steps, values = _series(rows, line.key)
+        steps, values = metric_series(rows, line.key)
         if not steps:
             continue
         all_steps += steps
-        window = _smoothing_window(len(steps)) if smooth else 1
+        window = smoothing_window(len(steps)) if smooth else 1
         used_window = max(used_window, window)
         style: dict[str, Any] = {"color": f"C{color}", "linestyle": line.style, "label": line.label}
         if window > 1:
             ax.plot(steps, values, color=f"C{color}", alpha=0.25, linewidth=0.8)
-            ax.plot(steps, _moving_average(values, window), linewidth=line.width + 0.2, **style)
+            ax.plot(steps, moving_average(values, window), linewidth=line.width + 0.2, **style)
         else:  # thick lines get big markers, so thin lines drawn on top stay visible
             marker: dict[str, Any] = {"marker": line.marker, "markersize": 1.5 + 1.3 * line.width}
             ax.plot(steps, values, linewidth=line.width, **marker, **style)
@@ -211,16 +211,16 @@ def _draw_lines(ax: Axes, rows: Sequence[Row], lines: Sequence[_Line], smooth: b
     return used_window
 
 
-def _fit_fraction_axis(ax: Axes) -> None:
+def fit_fraction_axis(ax: Axes) -> None:
     low, high = ax.get_ylim()
     ax.set_ylim(min(low, -0.03), max(high, 1.03))
 
 
 def _has_data(rows: Sequence[Row], lines: Sequence[_Line]) -> bool:
-    return any(_series(rows, line.key)[0] for line in lines)
+    return any(metric_series(rows, line.key)[0] for line in lines)
 
 
-def _png_bytes(figure: Any) -> bytes:
+def png_bytes(figure: Any) -> bytes:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(figure)
@@ -243,11 +243,11 @@ def _training_png(rows: Sequence[Row], title: str) -> bytes | None:
         ax.set_title(panel.title, loc="left", fontweight="bold")
         ax.set_ylabel(panel.ylabel)
         if panel.fraction:
-            _fit_fraction_axis(ax)
+            fit_fraction_axis(ax)
     axes[-1].set_xlabel("step")
     note = f"\nfaint: every step, bold: {window}-step moving average" if window > 1 else ""
     figure.suptitle(f"{title}: training{note}")
-    return _png_bytes(figure)
+    return png_bytes(figure)
 
 
 def _eval_line(key: str) -> _Line:
@@ -269,11 +269,11 @@ def _eval_png(rows: Sequence[Row], title: str) -> bytes | None:
     figure = Figure(figsize=(9.0, 4.4), layout="constrained")
     ax = figure.subplots()
     _draw_lines(ax, rows, lines, smooth=False)  # evaluations are few: show every point
-    _fit_fraction_axis(ax)
+    fit_fraction_axis(ax)
     ax.set_title(f"{title}: evaluation", loc="left", fontweight="bold")
     ax.set_xlabel("step")
     ax.set_ylabel("score (0-1)")
-    return _png_bytes(figure)
+    return png_bytes(figure)
 
 
 def _cell(value: Any) -> str:
@@ -281,7 +281,7 @@ def _cell(value: Any) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def _md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """Markdown table; every column after the first is right-aligned (numbers)."""
     align = ["---", *(["---:"] * (len(headers) - 1))]
     lines = [headers, align, *rows]
@@ -312,7 +312,7 @@ def _eval_section(rows: Sequence[Row], has_plot: bool) -> str:
             (key.removeprefix("eval/"), _fmt(before), _fmt(after), _fmt(change, "+.4f"))
         )
     headers = ("metric", f"first (step {first['step']})", f"last (step {last['step']})", "change")
-    parts = ["## Evaluation", _md_table(headers, table_rows)]
+    parts = ["## Evaluation", md_table(headers, table_rows)]
     if has_plot:
         parts.append(f"![Evaluation scores against training step]({EVAL_PNG})")
     return "\n\n".join(parts)
@@ -334,7 +334,7 @@ def _timing_section(rows: Sequence[Row]) -> str:
     ordered = [p for p in _TIME_ORDER if p in phases]
     # Evaluation runs between steps, not inside them: reported on its own line below.
     ordered += sorted(phases - {*_TIME_ORDER, "step", "eval"})
-    means = {p: _mean(_series(rows, f"time/{p}")[1]) for p in [*ordered, "step"]}
+    means = {p: _mean(metric_series(rows, f"time/{p}")[1]) for p in [*ordered, "step"]}
     total = means["step"] if "step" in phases else None
     itemised = [(p, means[p]) for p in ordered]
     if total is not None:
@@ -349,15 +349,15 @@ def _timing_section(rows: Sequence[Row]) -> str:
     parts = [
         "## Time per step",
         "Mean seconds per step over the steps that logged each phase.",
-        _md_table(("phase", "mean (s)", "share of step"), table_rows),
+        md_table(("phase", "mean (s)", "share of step"), table_rows),
     ]
-    eval_times = _series(rows, "time/eval")[1]
+    eval_times = metric_series(rows, "time/eval")[1]
     if eval_times:
         parts.append(
             f"Evaluation (between steps): {_mean(eval_times):.2f} s on average over "
             f"{len(eval_times)} evaluations."
         )
-    throughput = _mean(_series(rows, "perf/tokens_per_s")[1])
+    throughput = _mean(metric_series(rows, "perf/tokens_per_s")[1])
     if throughput is not None:
         parts.append(f"Throughput: {throughput:,.0f} tokens/s (mean of `perf/tokens_per_s`).")
     return "\n\n".join(parts)
@@ -410,7 +410,7 @@ def write_report(
     has_eval = _put_or_remove(run_dir / EVAL_PNG, _eval_png(rows, title))
     sections = [f"# {title}", _overview(rows)]
     if config_summary:
-        settings = _md_table(("setting", "value"), list(_flatten(config_summary)))
+        settings = md_table(("setting", "value"), list(_flatten(config_summary)))
         sections += ["## Configuration", settings]
     sections += [_eval_section(rows, has_eval), _training_section(has_training)]
     sections.append(_timing_section(rows))

@@ -344,7 +344,7 @@ def result_json(result: AnalysisResult) -> dict[str, Any]:
 def write_analysis(result: AnalysisResult, out_dir: str | Path, *, title: str) -> dict[str, Path]:
     """Write ``analysis.json``, ``analysis.md``, ``scores.jsonl`` and ``signal_auc.png``."""
     from mopd.reporting.compare import signal_png
-    from mopd.reporting.report import _md_table
+    from mopd.reporting.report import md_table
     from mopd.reporting.sinks import atomic_write
 
     out = Path(out_dir)
@@ -383,9 +383,9 @@ def write_analysis(result: AnalysisResult, out_dir: str | Path, *, title: str) -
         "out, never counted as 0. `built`: share of rollouts whose context holds the full "
         f"peer count (controls: matched to {meta['control_base']}).",
         "## Prompts with both a success and a failure",
-        _md_table(SIGNAL_HEADERS, signal_rows(result, "both_present")),
+        md_table(SIGNAL_HEADERS, signal_rows(result, "both_present")),
         "## All prompts (where each metric is defined)",
-        _md_table(SIGNAL_HEADERS, signal_rows(result, "all")),
+        md_table(SIGNAL_HEADERS, signal_rows(result, "all")),
     ]
     if png is not None:
         sections.append("![Success AUC per condition](signal_auc.png)")
