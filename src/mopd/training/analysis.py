@@ -40,6 +40,7 @@ from mopd.core.prompts import TeacherTemplates
 from mopd.evaluation.signal import SIGNAL_METRICS, MetricSummary, summarize_signal
 from mopd.models.scoring import build_scoring_batch, response_logits, response_logprobs
 from mopd.training.contexts import TeacherInput, build_teacher_inputs, chat_prompt_ids
+from mopd.training.sampling import regroup, sample_and_verify_groups
 from mopd.types import PeerContext, Problem, Rollout, Verdict
 
 DEFAULT_CONDITIONS = (*NAMED_CONTEXTS, "random_peer", "unrelated_prompt")
@@ -209,9 +210,9 @@ def analyze_groups(
         ]
         result = ConditionResult(
             name=name,
-            scores=_regroup(flat_scores, shape),
-            score_sums=_regroup([sum(lp) for lp in teacher_logp], shape),
-            gaps=_regroup(flat_gaps, shape),
+            scores=regroup(flat_scores, shape),
+            score_sums=regroup([sum(lp) for lp in teacher_logp], shape),
+            gaps=regroup(flat_gaps, shape),
             built=built,
             prompt_tokens=[[len(t.prompt_ids) for t in row] for row in inputs],
             seconds=seconds,
@@ -238,14 +239,6 @@ def analyze_groups(
     return AnalysisResult(list(problems), rewards, results, meta)
 
 
-def _regroup(flat: Sequence[Any], shape: Sequence[int]) -> list[list[Any]]:
-    out, start = [], 0
-    for n in shape:
-        out.append(list(flat[start : start + n]))
-        start += n
-    return out
-
-
 def sample_groups(
     engine: Any,
     tokenizer: Any,
@@ -257,16 +250,10 @@ def sample_groups(
     seed: int,
 ) -> tuple[list[list[Rollout]], list[list[Verdict]]]:
     """G = `n` rollouts per prompt from `engine`, verified by `task`."""
-    from mopd.tasks.base import verify_batch
-
-    prompt_ids = [chat_prompt_ids(tokenizer, p.messages) for p in problems]
-    groups = engine.generate(prompt_ids, n=n, params=params, seed=seed)
-    flat = verify_batch(
-        task,
-        [p for p, g in zip(problems, groups, strict=True) for _ in g],
-        [r.text for g in groups for r in g],
+    sampled = sample_and_verify_groups(
+        engine, tokenizer, task, problems, n=n, params=params, seed=seed
     )
-    return groups, _regroup(flat, [len(g) for g in groups])
+    return sampled.groups, sampled.verdicts
 
 
 def load_rollout_groups(

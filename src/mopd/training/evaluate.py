@@ -17,8 +17,8 @@ from typing import Any
 from mopd.evaluation.diversity import diversity_summary
 from mopd.evaluation.sampling import sampling_summary
 from mopd.rollout.base import RolloutEngine, SamplingParams
-from mopd.tasks.base import Task, verify_batch
-from mopd.training.contexts import chat_prompt_ids
+from mopd.tasks.base import Task
+from mopd.training.sampling import sample_and_verify_groups
 from mopd.types import Problem
 
 
@@ -43,16 +43,13 @@ def sample_and_verify(
     seed: int,
 ) -> EvalSamples:
     """Sample k responses per prompt and verify them (one verifier call for the batch)."""
-    prompt_ids = [chat_prompt_ids(tokenizer, p.messages) for p in problems]
-    groups = engine.generate(prompt_ids, n=k, params=params, seed=seed)
-    flat = verify_batch(
-        task,
-        [p for p, g in zip(problems, groups, strict=True) for _ in g],
-        [r.text for g in groups for r in g],
+    sampled = sample_and_verify_groups(
+        engine, tokenizer, task, problems, n=k, params=params, seed=seed
     )
+    groups = sampled.groups
     return EvalSamples(
         problem_ids=[p.id for p in problems],
-        rewards=[[v.reward for v in flat[i * k : (i + 1) * k]] for i in range(len(groups))],
+        rewards=[[v.reward for v in vs] for vs in sampled.verdicts],
         texts=[[r.text for r in g] for g in groups],
         response_tokens=[[len(r.response_ids) for r in g] for g in groups],
     )

@@ -14,7 +14,6 @@ contribute zero loss, and they do not count in the denominators either.
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
 from collections.abc import Sequence
@@ -40,8 +39,9 @@ from mopd.models.scoring import (
 )
 from mopd.models.teachers import Teacher
 from mopd.rollout.base import RolloutEngine, SamplingParams
-from mopd.tasks.base import Task, verify_batch
-from mopd.training.contexts import TeacherInput, build_teacher_inputs, chat_prompt_ids
+from mopd.tasks.base import Task
+from mopd.training.contexts import TeacherInput, build_teacher_inputs
+from mopd.training.sampling import sample_and_verify_groups
 from mopd.types import Problem, Rollout, Verdict
 
 
@@ -254,30 +254,17 @@ def train_step(
     times = {k: 0.0 for k in ("generate", "verify", "context", "teacher", "student", "optimizer")}
     t_start = time.perf_counter()
 
-    # 1-2. Rollouts: G samples per prompt from the current student.
-    prompt_ids = [tuple(chat_prompt_ids(tokenizer, p.messages)) for p in problems]
+    # 1-3. G rollouts per prompt from the current student, scored by the verifier.
     params = SamplingParams(
         temperature=cfg.rollout.temperature,
         top_p=cfg.rollout.top_p,
         max_new_tokens=cfg.rollout.max_new_tokens,
     )
-    t0 = time.perf_counter()
-    groups = mods.engine.generate(prompt_ids, n=cfg.rollout.n, params=params, seed=seed)
-    times["generate"] = time.perf_counter() - t0
-
-    # 3. Verifier.
-    t0 = time.perf_counter()
-    # One call for the whole batch, so a verifier can run it in parallel.
-    flat = verify_batch(
-        mods.task,
-        [p for p, g in zip(problems, groups, strict=True) for _ in g],
-        [r.text for g in groups for r in g],
+    sampled = sample_and_verify_groups(
+        mods.engine, tokenizer, mods.task, problems, n=cfg.rollout.n, params=params, seed=seed
     )
-    starts = [0]
-    for g in groups:
-        starts.append(starts[-1] + len(g))
-    verdicts = [flat[a:b] for a, b in itertools.pairwise(starts)]
-    times["verify"] = time.perf_counter() - t0
+    prompt_ids, groups, verdicts = sampled.prompt_ids, sampled.groups, sampled.verdicts
+    times["generate"], times["verify"] = sampled.generate_s, sampled.verify_s
     threshold = cfg.peers.success_threshold
     rewards_PG = [[v.reward for v in vs] for vs in verdicts]
 
