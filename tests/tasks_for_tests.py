@@ -39,3 +39,23 @@ class ParityTask:
 
 def make_parity_task(**options: int) -> ParityTask:
     return ParityTask(**options)
+
+
+def tiny_run_overrides(output_dir: object, model_dir: object) -> list[str]:
+    """Overrides for a seconds-long run of a tiny model on the parity task."""
+    return [
+        f"model.name={model_dir}",
+        "task.name=tasks_for_tests:make_parity_task",
+        "rollout.n=4",
+        "rollout.max_new_tokens=8",
+        "train.prompts_per_step=2",
+        "train.micro_batch_size=3",
+        "train.steps=2",
+        "optim.lr=1e-3",
+        "optim.warmup_steps=0",
+        "optim.weight_decay=0",
+        "eval.every=0",
+        "eval.k=2",
+        f"logging.output_dir={output_dir}",
+        "logging.progress=false",
+    ]

@@ -9,6 +9,7 @@ import torch
 
 from mopd.config import load_config
 from mopd.training.trainer import Trainer
+from tasks_for_tests import tiny_run_overrides
 
 pytestmark = [
     pytest.mark.gpu,
@@ -17,27 +18,8 @@ pytestmark = [
 
 
 def _cfg(tmp_path, model_dir, *extra: str):
-    return load_config(
-        "demo",
-        [
-            f"model.name={model_dir}",
-            "model.device=cuda",
-            "task.name=tasks_for_tests:make_parity_task",
-            "rollout.n=4",
-            "rollout.max_new_tokens=8",
-            "train.prompts_per_step=2",
-            "train.micro_batch_size=3",
-            "train.steps=2",
-            "optim.lr=1e-3",
-            "optim.warmup_steps=0",
-            "optim.weight_decay=0",
-            "eval.every=0",
-            "eval.k=2",
-            f"logging.output_dir={tmp_path}",
-            "logging.progress=false",
-            *extra,
-        ],
-    )
+    overrides = [*tiny_run_overrides(tmp_path, model_dir), "model.device=cuda", *extra]
+    return load_config("demo", overrides)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

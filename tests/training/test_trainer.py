@@ -12,30 +12,16 @@ from safetensors.torch import load_file
 
 from mopd.config import METHODS, load_config, load_saved_config
 from mopd.training.trainer import Trainer
+from tasks_for_tests import tiny_run_overrides
 
 pytestmark = pytest.mark.integration
-
-PARITY = "tasks_for_tests:make_parity_task"
 
 
 def _config(tmp_path: Path, model_dir: Path, method: str, *extra: str):
     overrides = [
         f"method={method}",
-        f"model.name={model_dir}",
-        f"task.name={PARITY}",
-        "rollout.n=4",
-        "rollout.max_new_tokens=8",
-        "train.prompts_per_step=2",
-        "train.micro_batch_size=3",
-        "train.steps=2",
-        "optim.lr=1e-3",
-        "optim.warmup_steps=0",
-        "optim.weight_decay=0",
-        "eval.every=0",
-        "eval.k=2",
-        f"logging.output_dir={tmp_path}",
+        *tiny_run_overrides(tmp_path, model_dir),
         f"logging.run_name={method}",
-        "logging.progress=false",
     ]
     if method == "opd":
         overrides += ["teacher.kind=external", f"teacher.external_model={model_dir}"]
