@@ -46,6 +46,13 @@ def test_full_rollout_records_hold_ids_messages_and_peers(run_dir):
     first = records[0]
     assert first["messages"][0]["role"] == "user" and first["response_ids"]
     assert {"successes", "failures", "teacher_prompt_tokens", "feedback"} <= first.keys()
+    # Rollouts the teacher scored carry their score; those without a context carry none.
+    for record in records:
+        if record["has_context"]:
+            assert record["teacher_score"] < 0.0  # a mean log-prob
+        else:
+            assert record["teacher_score"] is None
+    assert any(r["has_context"] for r in records)
 
 
 def test_training_logs_eval_cis_and_diversity(run_dir):

@@ -65,6 +65,7 @@ class Row:
     """One rollout, flattened out of its group for batching."""
 
     group: int
+    index: int  # position inside its group
     prompt_ids: tuple[int, ...]
     rollout: Rollout
     reward: float
@@ -81,6 +82,8 @@ class StepOutput:
     groups: list[list[Rollout]]
     verdicts: list[list[Verdict]]
     teacher_inputs: list[list[TeacherInput]] | None
+    # Mean per-token teacher log-prob of each rollout; None where no teacher scored it.
+    teacher_scores: list[list[float | None]] | None = None
 
 
 def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
@@ -103,7 +106,11 @@ def _old_logprobs(rows: Sequence[Row], width: int) -> torch.Tensor:
 
 
 def _distill_rows(
-    mods: StepModules, rows: Sequence[Row], stats: dict[str, list[float]], times: dict[str, float]
+    mods: StepModules,
+    rows: Sequence[Row],
+    stats: dict[str, list[float]],
+    scores: dict[tuple[int, int], float],
+    times: dict[str, float],
 ) -> float:
     """Teacher + student forwards and backward for rows with a context; returns the loss."""
     cfg = mods.config
@@ -147,6 +154,7 @@ def _distill_rows(
             gap_B = ((t_logp_BR - s_logp_BR.detach()) * mask_BR).sum(1) / n_tok
         for row, score, gap in zip(chunk, score_B.tolist(), gap_B.tolist(), strict=True):
             stats["score"].append(score)
+            scores[(row.group, row.index)] = score
             stats["gap_success" if row.success else "gap_failure"].append(gap)
         t2 = time.perf_counter()
         times["teacher"] += t1 - t0
@@ -291,6 +299,7 @@ def train_step(
     rows = [
         Row(
             group=gi,
+            index=ri,
             prompt_ids=prompt_ids[gi],
             rollout=rollout,
             reward=rewards_PG[gi][ri],
@@ -307,9 +316,10 @@ def train_step(
     mods.optimizer.zero_grad(set_to_none=True)
     losses: dict[str, float] = {}
     stats: dict[str, list[float]] = {"score": [], "gap_success": [], "gap_failure": []}
+    scores: dict[tuple[int, int], float] = {}
     ctx_rows = [r for r in rows if r.teacher is not None and r.teacher.has_context]
     if distill and ctx_rows:
-        losses["distill"] = _distill_rows(mods, ctx_rows, stats, times)
+        losses["distill"] = _distill_rows(mods, ctx_rows, stats, scores, times)
     if cfg.loss.kind == "grpo":
         t0 = time.perf_counter()
         active = [r for r in rows if r.advantage != 0.0]
@@ -369,4 +379,9 @@ def train_step(
             gaps = stats[f"gap_{kind}"]
             metrics[f"gap/{kind}"] = sum(gaps) / len(gaps) if gaps else math.nan
     metrics.update({f"time/{k}": v for k, v in times.items()})
-    return StepOutput(list(problems), groups, verdicts, teacher_inputs), metrics
+    teacher_scores = (
+        [[scores.get((gi, ri)) for ri in range(len(g))] for gi, g in enumerate(groups)]
+        if teacher_inputs is not None
+        else None
+    )
+    return StepOutput(list(problems), groups, verdicts, teacher_inputs, teacher_scores), metrics

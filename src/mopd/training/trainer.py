@@ -255,6 +255,9 @@ class Trainer:
                         ),
                         "teacher_prompt_tokens": len(teacher.prompt_ids) if teacher else None,
                         "teacher_prompt_truncated": teacher.truncated if teacher else None,
+                        "teacher_score": (
+                            output.teacher_scores[gi][ri] if output.teacher_scores else None
+                        ),
                     }
                     f.write(json.dumps(record) + "\n")
 
