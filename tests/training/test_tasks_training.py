@@ -49,3 +49,27 @@ def test_two_steps_on_each_task(tmp_path, tiny_model_dir, task):
     assert len(result.history) == 2
     assert all(math.isfinite(row["loss/total"]) for row in result.history)
     assert Path(result.run_dir, "rollouts.jsonl").exists()
+
+
+TOOL_ROWS = [
+    {
+        "question": f"Add {i} and 1.",
+        "functions": [
+            {
+                "name": "add",
+                "parameters": {
+                    "type": "dict",
+                    "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                    "required": ["a", "b"],
+                },
+            }
+        ],
+        "ground_truth": {"add": {"a": [i], "b": [1]}},
+    }
+    for i in range(6)
+]
+
+
+def test_two_steps_on_the_tool_task(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setitem(ROWS, "tool", TOOL_ROWS)  # same run as the other tasks
+    test_two_steps_on_each_task(tmp_path, tiny_model_dir, "tool")

@@ -25,6 +25,7 @@ from mopd.tasks.code import CodeTask
 from mopd.tasks.gym import ReasoningGymTask
 from mopd.tasks.math import MathTask
 from mopd.tasks.mcq import MultipleChoiceTask
+from mopd.tasks.tool import ToolTask
 
 __all__ = ["BUILTIN_TASKS", "build_task"]
 
@@ -34,6 +35,7 @@ BUILTIN_TASKS: Mapping[str, Callable[..., Task]] = {
     "math": MathTask,
     "mcq": MultipleChoiceTask,
     "reasoning_gym": ReasoningGymTask,
+    "tool": ToolTask,
 }
 
 _REQUIRED_METHODS = ("train_problems", "eval_problems", "verify")
