@@ -217,7 +217,7 @@ def signal_png(conditions: Sequence[tuple[str, MetricSummary]], *, title: str) -
     ax.set_xlabel("teacher context condition")
     ax.set_title(f"{title}\nmean over prompts with a success and a failure, 95% bootstrap CI")
     ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(loc="upper left", fontsize="small")
+    ax.legend(loc="lower right", fontsize="small", framealpha=0.9)  # bars start at 0: room below
     return png_bytes(figure)
 
 
