@@ -139,10 +139,16 @@ def _train(args: argparse.Namespace) -> int:
     else:
         config = load_config(args.config or "demo", args.overrides)
         trainer = Trainer(config)
-    print(f"run folder: {trainer.run_dir}", file=sys.stderr)
-    result = trainer.train()
-    print(final_summary(result))
-    print(f"\nreport: {result.run_dir / 'report.md'}")
+    main = trainer.dist.is_main  # under torchrun / accelerate launch only rank 0 prints
+    try:
+        if main:
+            print(f"run folder: {trainer.run_dir}", file=sys.stderr)
+        result = trainer.train()
+    finally:
+        trainer.dist.close()
+    if main:
+        print(final_summary(result))
+        print(f"\nreport: {result.run_dir / 'report.md'}")
     return 0
 
 

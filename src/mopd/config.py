@@ -180,6 +180,10 @@ class TrainConfig:
     rollout_samples_per_step: int = 2
     save_all_rollouts: bool = False  # every rollout of every step -> rollouts_full.jsonl
     all_rollouts_max_mb: float = 200.0  # stop appending once the file reaches this size
+    # Blocks of prompts sampled and peer-matched on their own, each with its own seed, so
+    # that any process count dividing it draws the same rollouts. None: one per process.
+    rollout_shards: int | None = None
+    dist_timeout_minutes: float = 60.0  # collectives' timeout (rank 0 evaluates alone)
 
     def __post_init__(self) -> None:
         _check(self.steps >= 0, "train.steps", "must be >= 0")
@@ -188,6 +192,15 @@ class TrainConfig:
         _check(self.threads is None or self.threads >= 1, "train.threads", "must be >= 1 or null")
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
         _check(self.all_rollouts_max_mb > 0, "train.all_rollouts_max_mb", "must be > 0")
+        if self.rollout_shards is not None:
+            _check(self.rollout_shards >= 1, "train.rollout_shards", "must be >= 1 or null")
+            _check(
+                self.prompts_per_step % self.rollout_shards == 0,
+                "train.rollout_shards",
+                f"must divide train.prompts_per_step ({self.prompts_per_step}), "
+                f"got {self.rollout_shards}",
+            )
+        _check(self.dist_timeout_minutes > 0, "train.dist_timeout_minutes", "must be > 0")
 
 
 @dataclass

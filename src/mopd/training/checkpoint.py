@@ -5,7 +5,7 @@ Layout of ``RUN_DIR/checkpoints/step-000010/``::
     student/            Hugging Face folder (save_pretrained): loadable by plain transformers
     teacher.pt          teacher state (EMA weights, or the frozen initial copy)
     reference.pt        frozen reference policy (DPO), when present
-    trainer_state.pt    optimizer, scheduler, RNG states, step, data position
+    trainer_state.pt    optimizer, scheduler, RNG states, step, data position, rollout shards
     COMPLETE            written last
 
 A checkpoint is written into a hidden temporary folder and renamed into place, and the
@@ -32,6 +32,7 @@ COMPLETE = "COMPLETE"
 class TrainerState:
     step: int  # optimizer steps done
     data_position: int  # prompts consumed from the training stream
+    rollout_shards: int = 1  # sampling layout of each step (training.shards)
 
 
 def rng_state() -> dict[str, Any]:
@@ -80,6 +81,7 @@ def save_checkpoint(
         {
             "step": state.step,
             "data_position": state.data_position,
+            "rollout_shards": state.rollout_shards,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": rng_state(),
@@ -136,4 +138,8 @@ def load_trainer_state(
             torch.load(ckpt / "reference.pt", map_location="cpu", weights_only=False)
         )
     set_rng_state(data["rng"])
-    return TrainerState(step=data["step"], data_position=data["data_position"])
+    return TrainerState(
+        step=data["step"],
+        data_position=data["data_position"],
+        rollout_shards=data.get("rollout_shards", 1),  # older checkpoints: one process
+    )

@@ -8,6 +8,12 @@ The step returns `(StepOutput, metrics)`; it writes nothing and logs nothing. Lo
 denominators are computed over the whole step before the first micro-batch, so gradient
 accumulation gives exactly the gradient of the full-batch loss.
 
+Several processes (`training.distributed`) each take whole rollout shards of the step's
+prompts; each shard is sampled and peer-matched with its own seed. Denominators and
+metrics are summed over processes and gradients are summed before clipping, so every
+process takes the step a single process would take on the whole batch. The returned
+`StepOutput` holds this process's groups only.
+
 Rollouts whose teacher context is empty are dropped before any forward pass: they would
 contribute zero loss, and they do not count in the denominators either.
 """
@@ -17,7 +23,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -38,10 +44,11 @@ from mopd.models.scoring import (
     response_logprobs,
 )
 from mopd.models.teachers import Teacher
-from mopd.rollout.base import RolloutEngine, SamplingParams
+from mopd.rollout.base import RolloutEngine
 from mopd.tasks.base import Task
-from mopd.training.contexts import TeacherInput, build_teacher_inputs
-from mopd.training.sampling import sample_and_verify_groups
+from mopd.training.contexts import TeacherInput
+from mopd.training.distributed import Distributed
+from mopd.training.shards import distills, sample_local_shards
 from mopd.types import Problem, Rollout, Verdict
 
 
@@ -58,6 +65,7 @@ class StepModules:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     teacher: Teacher | None = None  # distillation teacher
     reference: Teacher | None = None  # frozen initial policy for DPO
+    dist: Distributed = field(default_factory=Distributed)  # single process by default
 
 
 @dataclass(frozen=True)
@@ -91,7 +99,7 @@ def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
 
 
 def _denominator(mode: str, token_counts: Sequence[int]) -> float:
-    """Global normaliser of `aggregate` for the rows that carry loss."""
+    """This process's share of the normaliser of `aggregate` (summed over processes)."""
     if mode == "token-mean":
         return float(sum(token_counts))
     return float(sum(1 for n in token_counts if n > 0))
@@ -108,6 +116,7 @@ def _old_logprobs(rows: Sequence[Row], width: int) -> torch.Tensor:
 def _distill_rows(
     mods: StepModules,
     rows: Sequence[Row],
+    denom: float,
     stats: dict[str, list[float]],
     scores: dict[tuple[int, int], float],
     times: dict[str, float],
@@ -116,7 +125,6 @@ def _distill_rows(
     cfg = mods.config
     assert mods.teacher is not None
     pad = mods.tokenizer.pad_token_id
-    denom = _denominator(cfg.loss.aggregation, [len(r.rollout.response_ids) for r in rows])
     total = 0.0
     device = next(mods.student.parameters()).device
     for chunk in _chunks(rows, cfg.train.micro_batch_size):
@@ -177,10 +185,9 @@ def _student_forward(
     return batch, logp_BR, batch.response_mask.to(logp_BR.dtype)
 
 
-def _grpo_rows(mods: StepModules, rows: Sequence[Row], n_all_rows_tokens: list[int]) -> float:
+def _grpo_rows(mods: StepModules, rows: Sequence[Row], denom: float) -> float:
     """PPO-clip policy gradient over rows with a non-zero advantage (others add zero)."""
     cfg = mods.config
-    denom = _denominator(cfg.loss.aggregation, n_all_rows_tokens)
     total = 0.0
     for chunk in _chunks(rows, cfg.train.micro_batch_size):
         # Old log-probs came from the tempered sampling distribution: score the same one.
@@ -204,9 +211,8 @@ def _grpo_rows(mods: StepModules, rows: Sequence[Row], n_all_rows_tokens: list[i
     return total
 
 
-def _sft_rows(mods: StepModules, rows: Sequence[Row]) -> float:
-    """Token-mean NLL over verified successes."""
-    denom = float(sum(len(r.rollout.response_ids) for r in rows))
+def _sft_rows(mods: StepModules, rows: Sequence[Row], denom: float) -> float:
+    """Token-mean NLL over verified successes (`denom`: their tokens, all processes)."""
     total = 0.0
     for chunk in _chunks(rows, mods.config.train.micro_batch_size):
         _, logp_BR, mask_BR = _student_forward(mods, chunk)
@@ -216,11 +222,16 @@ def _sft_rows(mods: StepModules, rows: Sequence[Row]) -> float:
     return total
 
 
-def _preference_groups(mods: StepModules, groups: Sequence[Sequence[Row]]) -> float:
-    """On-policy DPO / SimPO: pairs inside each group; one group is one micro-batch."""
+def _preference_groups(
+    mods: StepModules,
+    groups: Sequence[Sequence[Row]],
+    pairs_per_group: Sequence[list[tuple[int, int]]],
+    n_pairs: float,
+) -> float:
+    """On-policy DPO / SimPO: pairs inside each group; one group is one micro-batch.
+
+    `n_pairs` counts the pairs of the whole step, over all processes."""
     cfg = mods.config
-    pairs_per_group = [preference_pairs([r.reward for r in g]) for g in groups]
-    n_pairs = sum(len(p) for p in pairs_per_group)
     total = 0.0
     for group, pairs in zip(groups, pairs_per_group, strict=True):
         if not pairs:
@@ -241,8 +252,8 @@ def _preference_groups(mods: StepModules, groups: Sequence[Sequence[Row]]) -> fl
     return total
 
 
-def _in_group_auc(rows: Sequence[Row], scores: Sequence[float]) -> float:
-    """Mean over groups (with both classes scored) of the teacher-score success AUC."""
+def _in_group_auc(rows: Sequence[Row], scores: Sequence[float]) -> tuple[float, int]:
+    """Sum and count over groups (with both classes scored) of the teacher-score success AUC."""
     by_group: dict[int, tuple[list[float], list[float]]] = {}
     for row, score in zip(rows, scores, strict=True):
         s, r = by_group.setdefault(row.group, ([], []))
@@ -250,49 +261,44 @@ def _in_group_auc(rows: Sequence[Row], scores: Sequence[float]) -> float:
         r.append(row.reward)
     aucs = [success_auc(s, r) for s, r in by_group.values()]
     defined = [a for a in aucs if a is not None]
-    return sum(defined) / len(defined) if defined else math.nan
+    return sum(defined), len(defined)
+
+
+def _tokens(rows: Sequence[Row]) -> list[int]:
+    return [len(r.rollout.response_ids) for r in rows]
+
+
+def _mean(total: float, count: float, empty: float = math.nan) -> float:
+    return total / count if count else empty
 
 
 def train_step(
     mods: StepModules, problems: Sequence[Problem], *, seed: int
 ) -> tuple[StepOutput, dict[str, float]]:
-    """Sample, score, distill (or run the configured baseline), and update once."""
-    cfg = mods.config
-    student, tokenizer = mods.student, mods.tokenizer
+    """Sample, score, distill (or run the configured baseline), and update once.
+
+    `problems` are the whole step's prompts; this process samples its own shards of them.
+    """
+    cfg, dist, student = mods.config, mods.dist, mods.student
     times = {k: 0.0 for k in ("generate", "verify", "context", "teacher", "student", "optimizer")}
     t_start = time.perf_counter()
 
-    # 1-3. G rollouts per prompt from the current student, scored by the verifier.
-    params = SamplingParams(
-        temperature=cfg.rollout.temperature,
-        top_p=cfg.rollout.top_p,
-        max_new_tokens=cfg.rollout.max_new_tokens,
+    # 1-4. G rollouts per prompt from the current student, verified, with teacher contexts.
+    sampled = sample_local_shards(
+        cfg,
+        mods.engine,
+        mods.tokenizer,
+        mods.task,
+        problems,
+        seed=seed,
+        rank=dist.rank,
+        world_size=dist.world_size,
     )
-    sampled = sample_and_verify_groups(
-        mods.engine, tokenizer, mods.task, problems, n=cfg.rollout.n, params=params, seed=seed
-    )
-    prompt_ids, groups, verdicts = sampled.prompt_ids, sampled.groups, sampled.verdicts
     times["generate"], times["verify"] = sampled.generate_s, sampled.verify_s
+    times["context"] = sampled.context_s
+    groups, verdicts, teacher_inputs = sampled.groups, sampled.verdicts, sampled.teacher_inputs
     threshold = cfg.peers.success_threshold
     rewards_PG = [[v.reward for v in vs] for vs in verdicts]
-
-    # 4. Teacher contexts (only for distillation).
-    distill = cfg.loss.kind == "distill" or (cfg.loss.kind == "grpo" and cfg.loss.grpo_mix > 0)
-    teacher_inputs = None
-    if distill:
-        t0 = time.perf_counter()
-        teacher_inputs = build_teacher_inputs(
-            tokenizer,
-            problems,
-            groups,
-            verdicts,
-            peers=cfg.peers,
-            templates=cfg.teacher.templates,
-            max_prompt_tokens=cfg.teacher.max_prompt_tokens,
-            use_context=cfg.teacher.use_context,
-            seed=seed,
-        )
-        times["context"] = time.perf_counter() - t0
     advantages = group_advantages(
         torch.tensor(rewards_PG, dtype=torch.float64), normalize_std=cfg.loss.normalize_std
     ).tolist()
@@ -300,7 +306,7 @@ def train_step(
         Row(
             group=gi,
             index=ri,
-            prompt_ids=prompt_ids[gi],
+            prompt_ids=sampled.prompt_ids[gi],
             rollout=rollout,
             reward=rewards_PG[gi][ri],
             success=rewards_PG[gi][ri] >= threshold,
@@ -310,6 +316,20 @@ def train_step(
         for gi, group in enumerate(groups)
         for ri, rollout in enumerate(group)
     ]
+    ctx_rows = [r for r in rows if r.teacher is not None and r.teacher.has_context]
+    successes = [r for r in rows if r.success]
+    by_group = [[r for r in rows if r.group == g] for g in range(len(groups))]
+    pairs = [preference_pairs([r.reward for r in g]) for g in by_group]
+    # Normalisers of the whole step (all processes), fixed before the first micro-batch.
+    denoms = dist.sum(
+        {
+            "ctx_rows": len(ctx_rows),
+            "distill": _denominator(cfg.loss.aggregation, _tokens(ctx_rows)),
+            "grpo": _denominator(cfg.loss.aggregation, _tokens(rows)),
+            "sft": sum(_tokens(successes)),
+            "pairs": sum(len(p) for p in pairs),
+        }
+    )
 
     # 5-6. Forwards, per-token losses, masked aggregation, backward.
     student.train()
@@ -317,28 +337,24 @@ def train_step(
     losses: dict[str, float] = {}
     stats: dict[str, list[float]] = {"score": [], "gap_success": [], "gap_failure": []}
     scores: dict[tuple[int, int], float] = {}
-    ctx_rows = [r for r in rows if r.teacher is not None and r.teacher.has_context]
-    if distill and ctx_rows:
-        losses["distill"] = _distill_rows(mods, ctx_rows, stats, scores, times)
-    if cfg.loss.kind == "grpo":
-        t0 = time.perf_counter()
-        active = [r for r in rows if r.advantage != 0.0]
-        all_tokens = [len(r.rollout.response_ids) for r in rows]
-        losses["grpo"] = _grpo_rows(mods, active, all_tokens) if active else 0.0
-        times["student"] += time.perf_counter() - t0
-    elif cfg.loss.kind == "sft":
-        t0 = time.perf_counter()
-        successes = [r for r in rows if r.success]
-        losses["sft"] = _sft_rows(mods, successes) if successes else 0.0
-        times["student"] += time.perf_counter() - t0
-    elif cfg.loss.kind in ("dpo", "simpo"):
-        t0 = time.perf_counter()
-        by_group = [[r for r in rows if r.group == g] for g in range(len(groups))]
-        losses[cfg.loss.kind] = _preference_groups(mods, by_group)
-        times["student"] += time.perf_counter() - t0
-
-    # 7. Optimizer step, then the teacher follows the student.
+    if distills(cfg) and denoms["ctx_rows"]:
+        d = denoms["distill"]
+        losses["distill"] = (
+            _distill_rows(mods, ctx_rows, d, stats, scores, times) if ctx_rows else 0.0
+        )
     t0 = time.perf_counter()
+    if cfg.loss.kind == "grpo":
+        active = [r for r in rows if r.advantage != 0.0]
+        losses["grpo"] = _grpo_rows(mods, active, denoms["grpo"]) if active else 0.0
+    elif cfg.loss.kind == "sft":
+        losses["sft"] = _sft_rows(mods, successes, denoms["sft"]) if successes else 0.0
+    elif cfg.loss.kind in ("dpo", "simpo"):
+        losses[cfg.loss.kind] = _preference_groups(mods, by_group, pairs, denoms["pairs"])
+    times["student"] += time.perf_counter() - t0
+
+    # 7. Gradients summed over processes, optimizer step, then the teacher follows.
+    t0 = time.perf_counter()
+    dist.sum_gradients(student.parameters())
     grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip)
     lr = mods.optimizer.param_groups[0]["lr"]
     mods.optimizer.step()
@@ -350,38 +366,56 @@ def train_step(
     times["optimizer"] = time.perf_counter() - t0
     times["step"] = time.perf_counter() - t_start
 
-    # Metrics.
-    n_rows = len(rows)
-    n_tokens = sum(len(r.rollout.response_ids) for r in rows)
-    mixed = sum(1 for rs in rewards_PG if len({x >= threshold for x in rs}) == 2)
-    metrics: dict[str, float] = {
-        "rollout/reward_mean": sum(r.reward for r in rows) / n_rows,
-        "rollout/success_rate": sum(r.success for r in rows) / n_rows,
-        "rollout/mixed_group_fraction": mixed / len(groups),
-        "rollout/response_tokens_mean": n_tokens / n_rows,
-        "rollout/truncated_fraction": sum(r.rollout.truncated for r in rows) / n_rows,
-        "loss/total": sum(losses.values()),
-        "optim/grad_norm": float(grad_norm),
-        "optim/lr": float(lr),
-        "perf/tokens_per_s": n_tokens / max(times["generate"], 1e-9),
+    # Metrics: sums and counts over all processes, then the ratios.
+    local = {
+        "rows": len(rows),
+        "groups": len(groups),
+        "reward": sum(r.reward for r in rows),
+        "success": sum(r.success for r in rows),
+        "mixed": sum(1 for rs in rewards_PG if len({x >= threshold for x in rs}) == 2),
+        "tokens": sum(_tokens(rows)),
+        "truncated": sum(r.rollout.truncated for r in rows),
+        **{f"loss/{k}": v for k, v in losses.items()},
     }
-    metrics.update({f"loss/{k}": v for k, v in losses.items()})
     if teacher_inputs is not None:
         inputs = [t for group in teacher_inputs for t in group]
         with_ctx = [t for t in inputs if t.has_context]
-        metrics["teacher/context_fraction"] = len(with_ctx) / len(inputs)
-        metrics["teacher/prompt_tokens_mean"] = (
-            sum(len(t.prompt_ids) for t in with_ctx) / len(with_ctx) if with_ctx else 0.0
-        )
-        metrics["teacher/truncated_fraction"] = sum(t.truncated for t in inputs) / len(inputs)
-        metrics["teacher/success_auc"] = _in_group_auc(ctx_rows, stats["score"])
+        local["inputs"] = len(inputs)
+        local["with_ctx"] = len(with_ctx)
+        local["ctx_prompt_tokens"] = sum(len(t.prompt_ids) for t in with_ctx)
+        local["teacher_truncated"] = sum(t.truncated for t in inputs)
+        local["auc"], local["auc_groups"] = _in_group_auc(ctx_rows, stats["score"])
         for kind in ("success", "failure"):
-            gaps = stats[f"gap_{kind}"]
-            metrics[f"gap/{kind}"] = sum(gaps) / len(gaps) if gaps else math.nan
+            local[f"gap_{kind}"] = sum(stats[f"gap_{kind}"])
+            local[f"gap_{kind}_n"] = len(stats[f"gap_{kind}"])
+    tot, times = dist.sum(local), dist.max(times)
+    n_rows = tot["rows"]
+    metrics: dict[str, float] = {
+        "rollout/reward_mean": tot["reward"] / n_rows,
+        "rollout/success_rate": tot["success"] / n_rows,
+        "rollout/mixed_group_fraction": tot["mixed"] / tot["groups"],
+        "rollout/response_tokens_mean": tot["tokens"] / n_rows,
+        "rollout/truncated_fraction": tot["truncated"] / n_rows,
+        "loss/total": sum(tot[f"loss/{k}"] for k in losses),
+        "optim/grad_norm": float(grad_norm),
+        "optim/lr": float(lr),
+        "perf/tokens_per_s": tot["tokens"] / max(times["generate"], 1e-9),
+    }
+    metrics.update({f"loss/{k}": tot[f"loss/{k}"] for k in losses})
+    if teacher_inputs is not None:
+        metrics["teacher/context_fraction"] = tot["with_ctx"] / tot["inputs"]
+        metrics["teacher/prompt_tokens_mean"] = _mean(
+            tot["ctx_prompt_tokens"], tot["with_ctx"], 0.0
+        )
+        metrics["teacher/truncated_fraction"] = tot["teacher_truncated"] / tot["inputs"]
+        metrics["teacher/success_auc"] = _mean(tot["auc"], tot["auc_groups"])
+        for kind in ("success", "failure"):
+            metrics[f"gap/{kind}"] = _mean(tot[f"gap_{kind}"], tot[f"gap_{kind}_n"])
     metrics.update({f"time/{k}": v for k, v in times.items()})
     teacher_scores = (
         [[scores.get((gi, ri)) for ri in range(len(g))] for gi, g in enumerate(groups)]
         if teacher_inputs is not None
         else None
     )
-    return StepOutput(list(problems), groups, verdicts, teacher_inputs, teacher_scores), metrics
+    output = StepOutput(sampled.problems, groups, verdicts, teacher_inputs, teacher_scores)
+    return output, metrics

@@ -5,6 +5,16 @@ Determinism: every random draw is derived from the run seed and the step number
 uninterrupted one would. Evaluation reuses one fixed seed at every evaluation point
 (common random numbers), so changes between evaluations reflect the model rather than
 sampling noise.
+
+Several processes (launched by `torchrun` or `accelerate launch`, see
+`training.distributed`) train one model together: every process runs this loop on its
+rollout shards of each step, and the step reduces gradients and metrics, so all processes
+hold the same weights and the same metrics. Rank 0 alone picks the run folder, evaluates
+(the others wait for its metrics: evaluation uses the same seed and prompts as a
+single-process run), writes metrics, rollouts, checkpoints and the report, and shows
+progress. A resumed run loads the checkpoint on every process; it must use the same
+number of rollout shards, i.e. the same process count unless `train.rollout_shards` is
+set.
 """
 
 from __future__ import annotations
@@ -22,12 +32,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from mopd.config import Config, save_config, to_dict
+from mopd.config import Config, ConfigError, save_config, to_dict
 from mopd.core.peers import derive_seed
 from mopd.models.loading import load_model, load_tokenizer
 from mopd.models.teachers import Teacher, build_teacher, check_same_vocabulary
 from mopd.reporting.report import eval_summary_rows, summary_table, write_report
-from mopd.reporting.sinks import build_sinks
+from mopd.reporting.sinks import MultiSink, build_sinks
 from mopd.rollout.base import RolloutEngine, SamplingParams
 from mopd.rollout.hf import HFRolloutEngine
 from mopd.tasks.base import Task
@@ -38,7 +48,9 @@ from mopd.training.checkpoint import (
     load_trainer_state,
     save_checkpoint,
 )
+from mopd.training.distributed import Distributed, init_distributed
 from mopd.training.evaluate import evaluate
+from mopd.training.shards import local_shards, shard_count
 from mopd.training.step import StepModules, StepOutput, train_step
 from mopd.types import Problem
 
@@ -53,6 +65,31 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"model.device={name!r} but CUDA is not available; use model.device=cpu")
     return device
+
+
+def process_device(name: str, dist: Distributed) -> torch.device:
+    """`resolve_device`, with each of several processes on its own GPU (cuda:LOCAL_RANK)."""
+    device = resolve_device(name)
+    if dist.world_size == 1 or device.type != "cuda":
+        return device
+    if device.index not in (None, dist.local_rank):
+        raise ConfigError(
+            f"model.device={name!r} with {dist.world_size} processes: use 'auto' or 'cuda', "
+            "each process then takes the GPU of its LOCAL_RANK"
+        )
+    return torch.device("cuda", dist.local_rank)
+
+
+def _merge_outputs(outputs: Sequence[StepOutput]) -> StepOutput:
+    """The processes' step outputs as one, groups in rank order (= the step's prompt order)."""
+
+    def cat(name: str) -> Any:
+        parts = [getattr(o, name) for o in outputs]
+        return None if parts[0] is None else [x for part in parts for x in part]
+
+    return StepOutput(
+        *(cat(n) for n in ("problems", "groups", "verdicts", "teacher_inputs", "teacher_scores"))
+    )
 
 
 def training_problems(
@@ -85,6 +122,13 @@ class Trainer:
         self.config = config
         if config.train.threads is not None:
             torch.set_num_threads(config.train.threads)
+        self.dist = init_distributed(
+            resolve_device(config.model.device).type,
+            timeout_minutes=config.train.dist_timeout_minutes,
+        )
+        self.device = process_device(config.model.device, self.dist)
+        shards = shard_count(config.train.rollout_shards, self.dist.world_size)
+        local_shards(config.train.prompts_per_step, shards, self.dist.world_size, self.dist.rank)
         self.task: Task = build_task(config.task.name, config.task.options)
         self.train_problems = list(self.task.train_problems())
         if not self.train_problems:
@@ -93,8 +137,9 @@ class Trainer:
         self.eval_problems = (
             eval_problems[: config.eval.max_prompts] if config.eval.max_prompts else eval_problems
         )
-        self.run_dir = run_dir or self._new_run_dir()
-        self.resume_from = latest_checkpoint(self.run_dir) if resume else None
+        # Rank 0 decides (a timestamped name could differ between processes by a second).
+        self.run_dir: Path = self.dist.broadcast(run_dir or self._new_run_dir())
+        self.resume_from = self.dist.broadcast(latest_checkpoint(self.run_dir) if resume else None)
         if resume and self.resume_from is None:
             raise FileNotFoundError(f"--resume {self.run_dir}: no complete checkpoint found in it")
         self._build_models()
@@ -115,7 +160,7 @@ class Trainer:
         self.tokenizer = load_tokenizer(source, cache_dir=cfg.model.cache_dir)
         self.student = load_model(source, dtype=cfg.model.dtype, cache_dir=cfg.model.cache_dir)
         # Module.to directly: transformers' typed wrapper of `.to` rejects a torch.device.
-        torch.nn.Module.to(self.student, resolve_device(cfg.model.device))
+        torch.nn.Module.to(self.student, self.device)
         self.teacher: Teacher | None = None
         self.reference: Teacher | None = None
         distill = cfg.loss.kind == "distill" or (cfg.loss.kind == "grpo" and cfg.loss.grpo_mix > 0)
@@ -152,7 +197,8 @@ class Trainer:
         self.engine: RolloutEngine = HFRolloutEngine(
             self.student, self.tokenizer, batch_size=cfg.rollout.batch_size
         )
-        self.state = TrainerState(step=0, data_position=0)
+        shards = shard_count(cfg.train.rollout_shards, self.dist.world_size)
+        self.state = TrainerState(step=0, data_position=0, rollout_shards=shards)
         if self.resume_from is not None:
             self.state = load_trainer_state(
                 self.resume_from,
@@ -161,6 +207,13 @@ class Trainer:
                 teacher=self.teacher,
                 reference=self.reference,
             )
+            if self.state.rollout_shards != shards:
+                raise ConfigError(
+                    f"{self.resume_from} was trained with {self.state.rollout_shards} rollout "
+                    f"shards per step, this run would use {shards}: resume with "
+                    f"{self.state.rollout_shards} processes, or set "
+                    f"train.rollout_shards={self.state.rollout_shards}"
+                )
         self.modules = StepModules(
             config=cfg,
             student=self.student,
@@ -171,10 +224,15 @@ class Trainer:
             scheduler=self.scheduler,
             teacher=self.teacher,
             reference=self.reference,
+            dist=self.dist,
         )
 
     # ------------------------------------------------------------------ loop
     def evaluate(self) -> dict[str, float]:
+        """Eval metrics of the current student: computed on rank 0, returned on every rank."""
+        return self.dist.broadcast(self._evaluate_here() if self.dist.is_main else {})
+
+    def _evaluate_here(self) -> dict[str, float]:
         cfg = self.config
         params = SamplingParams(
             temperature=cfg.eval.temperature,
@@ -274,17 +332,19 @@ class Trainer:
         )
 
     def train(self) -> RunResult:
-        cfg = self.config
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.run_dir / "config.yaml")
+        cfg, main = self.config, self.dist.is_main
         resumed = self.resume_from is not None
-        sinks = build_sinks(
-            self.run_dir,
-            cfg.logging.sinks,
-            run_name=self.run_dir.name,
-            config_dict=to_dict(cfg),
-            resume_from_step=self.state.step if resumed else None,
-        )
+        sinks = MultiSink([])  # other ranks log nothing
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+            sinks = build_sinks(
+                self.run_dir,
+                cfg.logging.sinks,
+                run_name=self.run_dir.name,
+                config_dict=to_dict(cfg),
+                resume_from_step=self.state.step if resumed else None,
+            )
         result = RunResult(self.run_dir)
         every = cfg.eval.every
         try:
@@ -296,7 +356,7 @@ class Trainer:
                 total=cfg.train.steps,
                 initial=self.state.step,
                 desc=f"{cfg.method}",
-                disable=not cfg.logging.progress,
+                disable=not (cfg.logging.progress and main),
                 dynamic_ncols=True,
             )
             while self.state.step < cfg.train.steps:
@@ -310,7 +370,9 @@ class Trainer:
                 output, metrics = train_step(
                     self.modules, problems, seed=derive_seed(cfg.train.seed, "step", step)
                 )
-                self.state = TrainerState(step, self.state.data_position + len(problems))
+                self.state = TrainerState(
+                    step, self.state.data_position + len(problems), self.state.rollout_shards
+                )
                 if every and step % every == 0 and step != cfg.train.steps:
                     ev = self.evaluate()
                     metrics.update(ev)
@@ -321,9 +383,11 @@ class Trainer:
                     result.evals.append({"step": step, **ev})
                 sinks.log(step, metrics)
                 result.history.append({"step": step, **metrics})
-                if cfg.train.save_rollouts:
+                if cfg.train.save_rollouts or cfg.train.save_all_rollouts:
+                    output = _merge_outputs(self.dist.gather(output))
+                if main and cfg.train.save_rollouts:
                     self._save_samples(step, output)
-                if cfg.train.save_all_rollouts:
+                if main and cfg.train.save_all_rollouts:
                     self._save_all(step, output)
                 bar.update(1)
                 bar.set_postfix(
@@ -332,14 +396,18 @@ class Trainer:
                     ctx=f"{metrics.get('teacher/context_fraction', float('nan')):.2f}",
                 )
                 periodic = cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0
-                if periodic or step == cfg.train.steps:
+                if main and (periodic or step == cfg.train.steps):
                     self._checkpoint()
             bar.close()
         finally:
             sinks.close()
-        write_report(
-            self.run_dir, title=f"{cfg.method} on {cfg.task.name}", config_summary=_summary(cfg)
-        )
+        if main:
+            write_report(
+                self.run_dir,
+                title=f"{cfg.method} on {cfg.task.name}",
+                config_summary=_summary(cfg),
+            )
+        self.dist.barrier()  # on every rank, train() returns once the files are written
         return result
 
 
