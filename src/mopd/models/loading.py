@@ -317,3 +317,58 @@ def load_model(
     with _hub_hint(name, path):
         model = AutoModelForCausalLM.from_pretrained(path, **_dtype_kwargs(DTYPES[dtype]))
     return model.eval()
+
+
+# --------------------------------------------------------------------------- memory options
+
+
+def _autocast_hooks(model: torch.nn.Module, device_type: str) -> None:
+    """Run every forward of `model` under bf16 autocast; hand float32 logits back.
+
+    Parameters stay in their dtype (fp32 master weights, fp32 optimizer state); autocast
+    runs matmuls in bf16 and keeps reductions in fp32. Logits are cast back to float32 so
+    the losses (log-softmax, top-k, KL) are computed at full precision. Hooks, unlike a
+    wrapped ``forward``, survive ``deepcopy`` correctly: a teacher copied from the student
+    autocasts on its own. The context stack is shared by copies, which is safe because
+    forwards nest strictly (pre-hook and post-hook pair up in LIFO order).
+    """
+    stack: list[torch.autocast] = []
+
+    def enter(module: torch.nn.Module, args: Any) -> None:
+        ctx = torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+        ctx.__enter__()
+        stack.append(ctx)
+
+    def leave(module: torch.nn.Module, args: Any, output: Any) -> Any:
+        stack.pop().__exit__(None, None, None)
+        logits = getattr(output, "logits", None)
+        if isinstance(logits, torch.Tensor) and logits.dtype != torch.float32:
+            output.logits = logits.float()
+        return output
+
+    model.register_forward_pre_hook(enter)
+    model.register_forward_hook(leave, always_call=True)
+
+
+def apply_memory_options(
+    model: PreTrainedModel, *, gradient_checkpointing: bool = False, autocast: str = "none"
+) -> PreTrainedModel:
+    """Turn on activation recomputation and/or bf16 autocast for `model`, in place.
+
+    `model` is the Hugging Face model itself (inside a PEFT wrapper: its base model, which
+    every wrapper forward and ``generate`` call goes through). Gradient (activation)
+    checkpointing recomputes each decoder layer's activations in backward, with
+    the non-reentrant implementation, which needs no input that requires grad (frozen
+    embeddings under LoRA) and only acts in train mode.
+    """
+    if autocast not in ("none", "bfloat16"):
+        raise ValueError(f"autocast must be 'none' or 'bfloat16', got {autocast!r}")
+    if gradient_checkpointing:
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if autocast == "bfloat16":
+        _autocast_hooks(model, model.device.type)
+    return model

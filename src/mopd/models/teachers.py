@@ -16,12 +16,15 @@ Teacher logits are computed under ``torch.no_grad`` and never carry gradient; te
 weights never require grad. :meth:`Teacher.state_dict` holds what a checkpoint needs to
 restore the teacher exactly: unlike the reference code, resuming does not silently reset
 the EMA teacher to the student.
+
+A LoRA student (:mod:`mopd.models.lora`) gets a plain full-weight teacher built from its
+merged weights; the EMA then follows the effective weights ``W + s·B·A`` layer by layer,
+never the adapter factors.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, ClassVar
@@ -29,6 +32,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import Tensor
 
+from mopd.models.lora import effective_parameters, is_adapted, merged_copy, plain_buffers
 from mopd.models.scoring import ScoringBatch, output_vocab_size, response_logits
 
 if TYPE_CHECKING:
@@ -46,8 +50,8 @@ def _frozen(model: PreTrainedModel) -> PreTrainedModel:
 
 
 def _frozen_copy(student: PreTrainedModel) -> PreTrainedModel:
-    """A detached deep copy of `student` on its device and dtype."""
-    return _frozen(copy.deepcopy(student))
+    """A detached plain copy of `student`'s effective model (LoRA merged) on its device."""
+    return _frozen(merged_copy(student))
 
 
 @contextlib.contextmanager
@@ -120,8 +124,14 @@ class EmaTeacher(_CopyTeacher):
 
     @torch.no_grad()
     def update(self, student: PreTrainedModel) -> None:
-        """``θ_T ← θ_T + rate·(θ_S - θ_T)`` for every parameter; buffers are copied."""
+        """``θ_T ← θ_T + rate·(θ_S - θ_T)`` for every parameter; buffers are copied.
+
+        For a LoRA student ``θ_S`` is the effective weight ``W + s·B·A`` of each layer.
+        """
         if self.rate == 0.0:  # frozen copy of the initial student
+            return
+        if is_adapted(student):
+            self._update_from_effective(student)
             return
         teacher_params = dict(self.model.named_parameters())
         student_params = dict(student.named_parameters())
@@ -138,6 +148,22 @@ class EmaTeacher(_CopyTeacher):
         student_buffers = dict(student.named_buffers())
         for name, buffer in self.model.named_buffers():
             buffer.copy_(student_buffers[name])
+
+    def _update_from_effective(self, student: PreTrainedModel) -> None:
+        """The EMA toward effective weights computed one layer at a time (bounded memory)."""
+        teacher_params = dict(self.model.named_parameters())
+        done: set[str] = set()
+        for name, value in effective_parameters(student):
+            if name not in teacher_params:
+                raise ValueError(f"student weight {name!r} has no counterpart in the EMA teacher")
+            teacher_params[name].lerp_(value.to(teacher_params[name].dtype), self.rate)
+            done.add(name)
+        if done != teacher_params.keys():
+            missing = sorted(teacher_params.keys() - done)[:3]
+            raise ValueError(f"EMA teacher weights {missing} have no student counterpart")
+        teacher_buffers = dict(self.model.named_buffers())
+        for name, buffer in plain_buffers(student):
+            teacher_buffers[name].copy_(buffer)
 
 
 class TrustRegionTeacher(_CopyTeacher):

@@ -3,6 +3,8 @@
 Layout of ``RUN_DIR/checkpoints/step-000010/``::
 
     student/            Hugging Face folder (save_pretrained): loadable by plain transformers
+                        (a LoRA student is saved merged, W + s·B·A)
+    adapter/            LoRA students only: the PEFT adapter, what resuming loads
     teacher.pt          teacher state (EMA weights, or the frozen initial copy)
     reference.pt        frozen reference policy (DPO), when present
     trainer_state.pt    optimizer, scheduler, RNG states, step, data position, rollout shards
@@ -24,6 +26,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from mopd.models.lora import is_adapted, save_adapted_student
 
 COMPLETE = "COMPLETE"
 
@@ -71,7 +75,10 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    student.save_pretrained(tmp / "student", safe_serialization=True)
+    if is_adapted(student):  # merged model for users, adapter alone for resuming
+        save_adapted_student(student, tmp / "student", tmp / "adapter")
+    else:
+        student.save_pretrained(tmp / "student", safe_serialization=True)
     tokenizer.save_pretrained(tmp / "student")
     if teacher is not None:
         torch.save(teacher.state_dict(), tmp / "teacher.pt")

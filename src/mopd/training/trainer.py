@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 
 from mopd.config import Config, ConfigError, save_config, to_dict
 from mopd.core.peers import derive_seed
-from mopd.models.loading import load_model, load_tokenizer
+from mopd.models.loading import apply_memory_options, load_model, load_tokenizer
+from mopd.models.lora import add_lora, base_model
 from mopd.models.teachers import Teacher, build_teacher, check_same_vocabulary
 from mopd.reporting.report import eval_summary_rows, summary_table, write_report
 from mopd.reporting.sinks import MultiSink, build_sinks
@@ -157,10 +158,30 @@ class Trainer:
     def _build_models(self) -> None:
         cfg = self.config
         source = str(self.resume_from / "student") if self.resume_from else cfg.model.name
+        lora = cfg.model.lora
         self.tokenizer = load_tokenizer(source, cache_dir=cfg.model.cache_dir)
-        self.student = load_model(source, dtype=cfg.model.dtype, cache_dir=cfg.model.cache_dir)
+        # With adapters the frozen base always comes from model.name (checkpoints hold
+        # the merged model for users and the adapter for resuming; see models/lora.py).
+        weights = cfg.model.name if lora.r else source
+        self.student = load_model(weights, dtype=cfg.model.dtype, cache_dir=cfg.model.cache_dir)
         # Module.to directly: transformers' typed wrapper of `.to` rejects a torch.device.
         torch.nn.Module.to(self.student, self.device)
+        if lora.r:
+            adapter = self.resume_from / "adapter" if self.resume_from else None
+            self.student = add_lora(
+                self.student,
+                r=lora.r,
+                alpha=lora.alpha,
+                dropout=lora.dropout,
+                target_modules=lora.target_modules,
+                seed=derive_seed(cfg.train.seed, "lora"),
+                adapter_dir=adapter,
+            )
+        apply_memory_options(
+            base_model(self.student),
+            gradient_checkpointing=cfg.model.gradient_checkpointing,
+            autocast=cfg.model.autocast,
+        )
         self.teacher: Teacher | None = None
         self.reference: Teacher | None = None
         distill = cfg.loss.kind == "distill" or (cfg.loss.kind == "grpo" and cfg.loss.grpo_mix > 0)
@@ -185,7 +206,7 @@ class Trainer:
         if cfg.loss.kind == "dpo":
             self.reference = build_teacher("ema", self.student, rate=0.0)
         self.optimizer = torch.optim.AdamW(
-            self.student.parameters(),
+            [p for p in self.student.parameters() if p.requires_grad],  # LoRA: adapters only
             lr=cfg.optim.lr,
             weight_decay=cfg.optim.weight_decay,
             betas=cfg.optim.betas,

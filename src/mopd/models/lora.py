@@ -1,0 +1,174 @@
+"""Low-rank adapters (LoRA, through PEFT) and what an EMA teacher of an adapted student is.
+
+With LoRA the student's effective weight of an adapted linear layer is
+
+    W_eff = W + s·B·A,   s = alpha / r,   A: (r, in), B: (out, r), W frozen,
+
+and only ``A`` and ``B`` are trained. The self-teacher must follow the student's
+*effective* weights, ``W_T ← (1 - rate)·W_T + rate·W_eff``. Averaging ``A`` and ``B``
+separately is a different model: the EMA of a product is not the product of EMAs
+(``ema(B)·ema(A) ≠ ema(B·A)``), so that shortcut would give a teacher that was never
+a weighted average of student iterates.
+
+Construction used here: the teacher is a plain full-weight model (no adapters), created
+from a merged copy of the student, and :func:`effective_parameters` yields the student's
+effective weights one tensor at a time (``W + s·B·A`` computed on the fly per layer,
+without merging the student in place) for the teacher's lerp. The peak extra memory of an
+update is one layer's weight, not a second model.
+
+Checkpoints of an adapted student (:func:`save_adapted_student`) hold the merged model
+(a plain Hugging Face folder that loads without PEFT, for evaluation and serving) and the
+adapter alone (``adapter/``, a PEFT folder). Resuming reloads the frozen base from
+``model.name`` and the trained adapter from the checkpoint, which restores the student
+bit for bit; the base therefore must not change between the run and its resumption.
+
+PEFT is an optional dependency (``pip install 'mopd[lora]'``), imported only here and
+only when adapters are used.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+BASE_LAYER = ".base_layer"  # PEFT's name for the wrapped frozen layer
+
+
+def _peft() -> Any:
+    try:
+        import peft
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ModuleNotFoundError(
+            "model.lora.r > 0 needs PEFT: pip install 'mopd[lora]' (peft>=0.13,<1)"
+        ) from err
+    return peft
+
+
+def is_adapted(model: Any) -> bool:
+    """True when `model` is a PEFT model (checked without importing PEFT)."""
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def base_model(model: Any) -> PreTrainedModel:
+    """The Hugging Face model inside a PEFT wrapper, or `model` itself."""
+    return model.get_base_model() if is_adapted(model) else model  # type: ignore[no-any-return]
+
+
+def add_lora(
+    model: PreTrainedModel,
+    *,
+    r: int,
+    alpha: float,
+    target_modules: Sequence[str],
+    dropout: float = 0.0,
+    seed: int = 0,
+    adapter_dir: str | Path | None = None,
+) -> Any:
+    """Wrap `model` with trainable LoRA adapters; every base weight is frozen.
+
+    New adapters start at ``B = 0`` (the student equals the base model) and a random
+    ``A`` drawn from `seed` alone, not from the global RNG. With `adapter_dir`, the
+    trained adapter saved there is loaded instead (resume).
+    """
+    peft = _peft()
+    if adapter_dir is not None:
+        return peft.PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+    config = peft.LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    with torch.random.fork_rng(devices=[]):  # A's init: from `seed`, global RNG untouched
+        torch.manual_seed(seed)
+        return peft.get_peft_model(model, config)
+
+
+def _lora_delta(module: Any, weight: Tensor) -> Tensor:
+    """``W + Σ_active s·B·A`` of one PEFT LoRA layer, in `weight`'s dtype (fresh tensor)."""
+    out = weight.detach().clone()
+    for adapter in module.active_adapters:
+        if adapter in module.lora_A and not module.merged:
+            out += module.get_delta_weight(adapter).to(out.dtype)
+    return out
+
+
+def effective_parameters(model: Any) -> Iterator[tuple[str, Tensor]]:
+    """``(name, weight)`` of the model the student computes, named as in a plain model.
+
+    For a PEFT model, adapted layers give ``W + s·B·A`` (a new tensor per layer, built
+    when the iterator reaches it) under the base layer's plain name; other parameters are
+    yielded detached. A plain model yields its detached parameters. Tied parameters are
+    yielded once, under their first name, like ``named_parameters``.
+    """
+    if not is_adapted(model):
+        for name, param in model.named_parameters():
+            yield name, param.detach()
+        return
+    from peft.tuners.lora import LoraLayer
+
+    seen: set[int] = set()
+
+    def walk(module: torch.nn.Module, prefix: str) -> Iterator[tuple[str, Tensor]]:
+        if isinstance(module, LoraLayer):
+            base: torch.nn.Module = module.get_base_layer()  # type: ignore[operator]
+            for pname, param in base.named_parameters(recurse=False):
+                if id(param) not in seen:
+                    seen.add(id(param))
+                    value = _lora_delta(module, param) if pname == "weight" else param.detach()
+                    yield prefix + pname, value
+            return
+        for pname, param in module.named_parameters(recurse=False):
+            if id(param) not in seen:
+                seen.add(id(param))
+                yield prefix + pname, param.detach()
+        for cname, child in module.named_children():
+            yield from walk(child, f"{prefix}{cname}.")
+
+    yield from walk(base_model(model), "")
+
+
+def plain_buffers(model: Any) -> Iterator[tuple[str, Tensor]]:
+    """The student's buffers under plain-model names (PEFT's ``.base_layer`` removed)."""
+    for name, buffer in base_model(model).named_buffers():
+        yield name.replace(BASE_LAYER + ".", "."), buffer
+
+
+def merged_copy(model: Any) -> PreTrainedModel:
+    """A plain full-weight copy of the student's effective model; `model` is untouched."""
+    if not is_adapted(model):
+        return copy.deepcopy(model)  # type: ignore[no-any-return]
+    return copy.deepcopy(model).merge_and_unload()  # type: ignore[no-any-return]
+
+
+def save_adapted_student(model: Any, student_dir: Path, adapter_dir: Path) -> None:
+    """Write the merged model to `student_dir` (plain HF folder) and the adapter to `adapter_dir`.
+
+    The merged weights are streamed from :func:`effective_parameters` into a state dict
+    instead of merging the live student, which keeps training state untouched.
+    """
+    merged = {name: value.contiguous() for name, value in effective_parameters(model)}
+    merged.update(
+        {name: buf for name, buf in plain_buffers(model) if name in _persistent_buffers(model)}
+    )
+    base_model(model).save_pretrained(student_dir, state_dict=merged, safe_serialization=True)
+    model.save_pretrained(adapter_dir)
+
+
+def _persistent_buffers(model: Any) -> set[str]:
+    """Plain names of buffers that belong in a state dict (not ``persistent=False``)."""
+    params = {
+        name.replace(BASE_LAYER + ".", ".") for name, _ in base_model(model).named_parameters()
+    }
+    keys = {k.replace(BASE_LAYER + ".", ".") for k in base_model(model).state_dict()}
+    return keys - params
