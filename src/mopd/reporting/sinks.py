@@ -23,6 +23,7 @@ import operator
 import os
 import time
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Protocol, TypeVar, runtime_checkable
@@ -48,11 +49,12 @@ class MetricSink(Protocol):
 _S = TypeVar("_S", bound="_ClosingSink")
 
 
-class _ClosingSink:
+class _ClosingSink(ABC):
     """Lets every sink be used as ``with JsonlSink(path) as sink: ...``."""
 
+    @abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        """Flush and release the sink."""
 
     def __enter__(self: _S) -> _S:
         return self
