@@ -19,7 +19,6 @@ set.
 
 from __future__ import annotations
 
-import json
 import random
 import sys
 import time
@@ -51,11 +50,16 @@ from mopd.training.checkpoint import (
 )
 from mopd.training.distributed import Distributed, init_distributed
 from mopd.training.evaluate import evaluate
+from mopd.training.records import (
+    FULL_ROLLOUTS_FILE,
+    SAMPLES_FILE,
+    append_full_records,
+    append_records,
+    rollout_records,
+)
 from mopd.training.shards import local_shards, shard_count
 from mopd.training.step import StepModules, StepOutput, train_step
 from mopd.types import Problem
-
-FULL_ROLLOUTS_FILE = "rollouts_full.jsonl"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -275,70 +279,18 @@ class Trainer:
 
     def _save_samples(self, step: int, output: StepOutput) -> None:
         n = self.config.train.rollout_samples_per_step
-        path = self.run_dir / "rollouts.jsonl"
-        with path.open("a") as f:
-            for gi, (problem, group) in enumerate(zip(output.problems, output.groups, strict=True)):
-                if gi >= n:
-                    break
-                for ri, rollout in enumerate(group):
-                    teacher = output.teacher_inputs[gi][ri] if output.teacher_inputs else None
-                    record = {
-                        "step": step,
-                        "problem": problem.id,
-                        "question": problem.question,
-                        "response": rollout.text,
-                        "reward": output.verdicts[gi][ri].reward,
-                        "truncated": rollout.truncated,
-                        "teacher_prompt": teacher.text if teacher else None,
-                        "has_context": teacher.has_context if teacher else None,
-                        "successes": list(teacher.context.successes) if teacher else None,
-                        "failures": list(teacher.context.failures) if teacher else None,
-                    }
-                    f.write(json.dumps(record) + "\n")
+        records = rollout_records(step, output, full=False, max_groups=n)
+        append_records(self.run_dir / SAMPLES_FILE, records)
 
     def _save_all(self, step: int, output: StepOutput) -> None:
         """Every rollout of the step, for `mopd analyze`; stops at the configured file size."""
         path = self.run_dir / FULL_ROLLOUTS_FILE
         cap = self.config.train.all_rollouts_max_mb * 2**20
-        if path.exists() and path.stat().st_size >= cap:
-            if not self._full_rollouts_capped:
-                print(
-                    f"mopd: {path} reached train.all_rollouts_max_mb; not appending",
-                    file=sys.stderr,
-                )
-                self._full_rollouts_capped = True
-            return
-        with path.open("a") as f:
-            for gi, (problem, group) in enumerate(zip(output.problems, output.groups, strict=True)):
-                for ri, rollout in enumerate(group):
-                    teacher = output.teacher_inputs[gi][ri] if output.teacher_inputs else None
-                    verdict = output.verdicts[gi][ri]
-                    record = {
-                        "step": step,
-                        "problem": problem.id,
-                        "index": ri,
-                        "messages": [dict(m) for m in problem.messages],
-                        "question": problem.question,
-                        "response": rollout.text,
-                        "response_ids": list(rollout.response_ids),
-                        "truncated": rollout.truncated,
-                        "reward": verdict.reward,
-                        "feedback": verdict.feedback,
-                        "has_context": teacher.has_context if teacher else None,
-                        "successes": list(teacher.context.successes) if teacher else None,
-                        "failures": list(teacher.context.failures) if teacher else None,
-                        "foreign_successes": (
-                            [list(p) for p in teacher.context.foreign_successes]
-                            if teacher
-                            else None
-                        ),
-                        "teacher_prompt_tokens": len(teacher.prompt_ids) if teacher else None,
-                        "teacher_prompt_truncated": teacher.truncated if teacher else None,
-                        "teacher_score": (
-                            output.teacher_scores[gi][ri] if output.teacher_scores else None
-                        ),
-                    }
-                    f.write(json.dumps(record) + "\n")
+        if not append_full_records(path, step, output, cap_bytes=cap) and not (
+            self._full_rollouts_capped
+        ):
+            print(f"mopd: {path} reached train.all_rollouts_max_mb; not appending", file=sys.stderr)
+            self._full_rollouts_capped = True
 
     def _checkpoint(self) -> None:
         save_checkpoint(
