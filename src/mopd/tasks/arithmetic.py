@@ -20,9 +20,10 @@ import random
 import re
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 
+from mopd.tasks.base import FixedSplits
 from mopd.types import Problem, Verdict
 
 __all__ = ["DEFAULT_PROMPT_TEMPLATE", "ArithmeticTask", "last_number"]
@@ -61,7 +62,7 @@ def _evaluate(operands: Sequence[int], operators: Sequence[str]) -> int:
 
 
 @dataclass(frozen=True)
-class ArithmeticTask:
+class ArithmeticTask(FixedSplits):
     """Integer arithmetic expressions with an exact-match verifier.
 
     Args:
@@ -82,8 +83,6 @@ class ArithmeticTask:
     n_eval: int = 20
     seed: int = 0
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE
-    _train: tuple[Problem, ...] = field(init=False, repr=False, compare=False)
-    _eval: tuple[Problem, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name, minimum in (("digits", 1), ("terms", 2), ("n_train", 0), ("n_eval", 0)):
@@ -132,8 +131,7 @@ class ArithmeticTask:
         evals = tuple(
             self._problem("eval", i, idx) for i, idx in enumerate(indices[self.n_train :])
         )
-        object.__setattr__(self, "_train", train)
-        object.__setattr__(self, "_eval", evals)
+        self._set_splits(train, evals)
 
     @property
     def name(self) -> str:
@@ -143,12 +141,6 @@ class ArithmeticTask:
     def space_size(self) -> int:
         """Number of distinct expressions with these settings."""
         return (10**self.digits) ** self.terms * len(self.operators) ** (self.terms - 1)
-
-    def train_problems(self) -> Sequence[Problem]:
-        return self._train
-
-    def eval_problems(self) -> Sequence[Problem]:
-        return self._eval
 
     def verify(self, problem: Problem, response: str) -> Verdict:
         """Reward 1.0 when the last number in `response` equals `problem.answer`."""

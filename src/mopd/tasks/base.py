@@ -13,11 +13,30 @@ not pay for the deep-learning stack.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from mopd.types import Problem, Verdict
 
 __all__ = ["Task", "verify_batch"]
+
+
+@dataclass(frozen=True)
+class FixedSplits:
+    """Base of the built-in tasks: train and eval problems fixed when the task is built."""
+
+    _train: tuple[Problem, ...] = field(init=False, repr=False, compare=False)
+    _eval: tuple[Problem, ...] = field(init=False, repr=False, compare=False)
+
+    def _set_splits(self, train: Sequence[Problem], evals: Sequence[Problem]) -> None:
+        object.__setattr__(self, "_train", tuple(train))
+        object.__setattr__(self, "_eval", tuple(evals))
+
+    def train_problems(self) -> Sequence[Problem]:
+        return self._train
+
+    def eval_problems(self) -> Sequence[Problem]:
+        return self._eval
 
 
 @runtime_checkable

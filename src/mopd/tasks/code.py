@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mopd.tasks.base import FixedSplits
 from mopd.tasks.data import DataError, field_of, load_rows, split_rows
 from mopd.tasks.harness import (
     assert_program,
@@ -58,7 +59,7 @@ def extract_code(response: str) -> str:
 
 
 @dataclass(frozen=True)
-class CodeTask:
+class CodeTask(FixedSplits):
     """Programming problems verified by running tests in the sandbox.
 
     Args:
@@ -82,8 +83,6 @@ class CodeTask:
     max_tests: int = 0
     workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
     feedback_chars: int = 400
-    _train: tuple[Problem, ...] = field(init=False, repr=False, compare=False)
-    _eval: tuple[Problem, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.source not in ("file", "humaneval"):
@@ -99,8 +98,7 @@ class CodeTask:
             raise ValueError(f"CodeTask.timeout_seconds must be > 0, got {self.timeout_seconds!r}")
         problems = _humaneval() if self.source == "humaneval" else _from_file(self.data)
         train, evals = split_rows(problems, self.n_eval, self.seed)
-        object.__setattr__(self, "_train", tuple(train))
-        object.__setattr__(self, "_eval", tuple(evals))
+        self._set_splits(train, evals)
 
     @property
     def name(self) -> str:
@@ -112,12 +110,6 @@ class CodeTask:
         return SandboxLimits(
             wall_seconds=self.timeout_seconds, cpu_seconds=cpu, memory_mb=self.memory_mb
         )
-
-    def train_problems(self) -> Sequence[Problem]:
-        return self._train
-
-    def eval_problems(self) -> Sequence[Problem]:
-        return self._eval
 
     def verify_batch(self, problems: Sequence[Problem], responses: Sequence[str]) -> list[Verdict]:
         """`verify` for every pair, `workers` sandboxes at a time, results in input order."""

@@ -10,10 +10,11 @@ convention); the generator's score (0..1, partial credit for some) is the reward
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from mopd.tasks.base import FixedSplits
 from mopd.tasks.data import split_rows
 from mopd.types import Problem, Verdict
 
@@ -32,7 +33,7 @@ def _import_gym() -> Any:
 
 
 @dataclass(frozen=True)
-class ReasoningGymTask:
+class ReasoningGymTask(FixedSplits):
     """One reasoning-gym generator (e.g. chain_sum, basic_arithmetic, countdown, gsm_symbolic)."""
 
     dataset: str = "chain_sum"
@@ -41,8 +42,6 @@ class ReasoningGymTask:
     seed: int = 0
     config: Mapping[str, Any] = field(default_factory=dict)
     _data: Any = field(init=False, repr=False, compare=False)
-    _train: tuple[Problem, ...] = field(init=False, repr=False, compare=False)
-    _eval: tuple[Problem, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.size, int) or self.size < 2:
@@ -65,18 +64,11 @@ class ReasoningGymTask:
         ]
         train, evals = split_rows(problems, self.n_eval, self.seed)
         object.__setattr__(self, "_data", data)
-        object.__setattr__(self, "_train", tuple(train))
-        object.__setattr__(self, "_eval", tuple(evals))
+        self._set_splits(train, evals)
 
     @property
     def name(self) -> str:
         return f"gym:{self.dataset}"
-
-    def train_problems(self) -> Sequence[Problem]:
-        return self._train
-
-    def eval_problems(self) -> Sequence[Problem]:
-        return self._eval
 
     def verify(self, problem: Problem, response: str) -> Verdict:
         tags = _TAG.findall(response)

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from mopd.tasks.base import FixedSplits
 from mopd.tasks.data import field_of, load_rows, split_rows
 from mopd.types import Problem, Verdict
 
@@ -72,15 +72,13 @@ def _last_boxed(text: str) -> str | None:
 
 
 @dataclass(frozen=True)
-class MathTask:
+class MathTask(FixedSplits):
     """Math problems from a JSONL/Parquet file (`data`), checked with math-verify."""
 
     data: str
     n_eval: int = 0
     seed: int = 0
     timeout_seconds: int = 5
-    _train: tuple[Problem, ...] = field(init=False, repr=False, compare=False)
-    _eval: tuple[Problem, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.timeout_seconds, int) or self.timeout_seconds < 1:
@@ -100,18 +98,11 @@ class MathTask:
                 )
             )
         train, evals = split_rows(problems, self.n_eval, self.seed)
-        object.__setattr__(self, "_train", tuple(train))
-        object.__setattr__(self, "_eval", tuple(evals))
+        self._set_splits(train, evals)
 
     @property
     def name(self) -> str:
         return "math"
-
-    def train_problems(self) -> Sequence[Problem]:
-        return self._train
-
-    def eval_problems(self) -> Sequence[Problem]:
-        return self._eval
 
     def verify(self, problem: Problem, response: str) -> Verdict:
         predicted = extract_final_answer(response)

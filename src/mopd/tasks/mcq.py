@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import re
 import string
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from mopd.tasks.base import FixedSplits
 from mopd.tasks.data import DataError, field_of, load_rows, split_rows
 from mopd.types import Problem, Verdict
 
@@ -34,14 +34,12 @@ def extract_choice(response: str, letters: str) -> str | None:
 
 
 @dataclass(frozen=True)
-class MultipleChoiceTask:
+class MultipleChoiceTask(FixedSplits):
     """Multiple-choice questions from a JSONL/Parquet file (`data`), seeded train/eval split."""
 
     data: str
     n_eval: int = 0
     seed: int = 0
-    _train: tuple[Problem, ...] = field(init=False, repr=False, compare=False)
-    _eval: tuple[Problem, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         problems = []
@@ -73,18 +71,11 @@ class MultipleChoiceTask:
                 )
             )
         train, evals = split_rows(problems, self.n_eval, self.seed)
-        object.__setattr__(self, "_train", tuple(train))
-        object.__setattr__(self, "_eval", tuple(evals))
+        self._set_splits(train, evals)
 
     @property
     def name(self) -> str:
         return "mcq"
-
-    def train_problems(self) -> Sequence[Problem]:
-        return self._train
-
-    def eval_problems(self) -> Sequence[Problem]:
-        return self._eval
 
     def verify(self, problem: Problem, response: str) -> Verdict:
         choice = extract_choice(response, str(problem.meta.get("letters", string.ascii_uppercase)))

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mopd.tasks.base import FixedSplits
 from mopd.tasks.data import DataError, Row, field_of, load_rows, split_rows
 from mopd.tasks.tool_calls import SCHEMA_TYPES, check_call, extract_call
 from mopd.types import Problem, Verdict
@@ -52,7 +53,7 @@ _PROMPT = (
 
 
 @dataclass(frozen=True)
-class ToolTask:
+class ToolTask(FixedSplits):
     """One-call function-calling problems from a file or from BFCL, verified as above.
 
     Args:
@@ -70,8 +71,6 @@ class ToolTask:
     n_eval: int = 0
     seed: int = 0
     skipped: tuple[str, ...] = field(init=False, default=(), compare=False)
-    _train: tuple[Problem, ...] = field(init=False, repr=False, compare=False)
-    _eval: tuple[Problem, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.source not in ("file", "bfcl"):
@@ -98,18 +97,11 @@ class ToolTask:
                     skipped.append(str(row.get("id")))
             object.__setattr__(self, "skipped", tuple(skipped))
         train, evals = split_rows(problems, self.n_eval, self.seed)
-        object.__setattr__(self, "_train", tuple(train))
-        object.__setattr__(self, "_eval", tuple(evals))
+        self._set_splits(train, evals)
 
     @property
     def name(self) -> str:
         return "tool"
-
-    def train_problems(self) -> Sequence[Problem]:
-        return self._train
-
-    def eval_problems(self) -> Sequence[Problem]:
-        return self._eval
 
     def verify(self, problem: Problem, response: str) -> Verdict:
         call = extract_call(response)
