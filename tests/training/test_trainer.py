@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,36 @@ def test_resume_restores_the_ema_teacher(tmp_path, tiny_model_dir):
         assert torch.equal(restored[key], value), key
         differs_from_student |= not torch.equal(student[key], value)
     assert differs_from_student, "teacher equals the student: EMA state was not restored"
+
+
+class _OffsetLogprobs:
+    """An engine whose reported sampling log-probs are off by a constant."""
+
+    def __init__(self, inner, offset: float) -> None:
+        self.inner, self.offset = inner, offset
+
+    def generate(self, prompts, *, n, params, seed):
+        groups = self.inner.generate(prompts, n=n, params=params, seed=seed)
+        shift = lambda r: replace(r, logprobs=tuple(x + self.offset for x in r.logprobs))  # noqa: E731
+        return [[shift(r) for r in g] for g in groups]
+
+    def update_weights(self, model) -> None:
+        self.inner.update_weights(model)
+
+
+@pytest.mark.parametrize("method", ["mopd", "grpo"])
+def test_engine_logprob_mismatch_is_measured(tmp_path, tiny_model_dir, method):
+    extra = ("train.steps=1", "rollout.temperature=0.7", "loss.is_clip=2.0")
+    exact = Trainer(_config(tmp_path / "exact", tiny_model_dir, method, *extra))
+    row = exact.train().history[0]
+    # The transformers engine reports the tempered sampling log-probs it drew from.
+    assert row["rollout/logprob_mismatch"] < 1e-4
+    if method == "mopd":
+        assert row["rollout/is_clipped_fraction"] == 0.0
+
+    off = Trainer(_config(tmp_path / "off", tiny_model_dir, method, *extra))
+    off.modules.engine = _OffsetLogprobs(off.engine, -1.0)  # engine under-reports by 1 nat
+    row = off.train().history[0]
+    assert row["rollout/logprob_mismatch"] == pytest.approx(1.0, abs=1e-3)
+    if method == "mopd":  # ratio e^1 > 2: every rescored token's weight is truncated
+        assert row["rollout/is_clipped_fraction"] == 1.0

@@ -113,6 +113,28 @@ def _old_logprobs(rows: Sequence[Row], width: int) -> torch.Tensor:
     return old
 
 
+def _engine_agreement(
+    sums: dict[str, float],
+    logp_BR: torch.Tensor,
+    old_BR: torch.Tensor,
+    mask_BR: torch.Tensor,
+    is_clip: float | None,
+) -> None:
+    """Adds up how far the engine's sampling log-probs are from the student's recomputation.
+
+    Within a step the student still has the weights that sampled, so any gap is the
+    engine's numerics (KV-cached decoding, another kernel library, vLLM's own forward):
+    the off-policyness that truncated importance weights correct.
+    """
+    with torch.no_grad():
+        delta_BR = (logp_BR.detach() - old_BR) * mask_BR
+        sums["mismatch_abs"] += float(delta_BR.abs().sum())
+        sums["mismatch_tokens"] += float(mask_BR.sum())
+        if is_clip is not None:
+            clipped_BR = (delta_BR > math.log(is_clip)) & (mask_BR > 0)
+            sums["is_clipped"] += float(clipped_BR.sum())
+
+
 def _distill_rows(
     mods: StepModules,
     rows: Sequence[Row],
@@ -120,6 +142,7 @@ def _distill_rows(
     stats: dict[str, list[float]],
     scores: dict[tuple[int, int], float],
     times: dict[str, float],
+    sums: dict[str, float],
 ) -> float:
     """Teacher + student forwards and backward for rows with a context; returns the loss."""
     cfg = mods.config
@@ -148,9 +171,17 @@ def _distill_rows(
                 alpha=cfg.loss.alpha,
                 add_tail=cfg.loss.add_tail,
             )
+        # Rollout log-probs are those of the tempered sampling distribution: compare alike.
+        temp = cfg.rollout.temperature
+        samp_logp_BR = (
+            s_logp_BR
+            if temp == 1.0
+            else response_logprobs(s_logits_BRV.detach() / temp, s_batch.response_ids)
+        )
+        old_BR = _old_logprobs(chunk, s_logp_BR.shape[1]).to(device)
+        _engine_agreement(sums, samp_logp_BR, old_BR, mask_BR, cfg.loss.is_clip)
         if cfg.loss.is_clip is not None:
-            old_BR = _old_logprobs(chunk, s_logp_BR.shape[1]).to(device)
-            per_tok_BR = per_tok_BR * importance_weights(s_logp_BR, old_BR, cfg.loss.is_clip)
+            per_tok_BR = per_tok_BR * importance_weights(samp_logp_BR, old_BR, cfg.loss.is_clip)
         loss = aggregate(per_tok_BR, mask_BR, cfg.loss.aggregation, denominator=denom)
         weight = 1.0 - cfg.loss.grpo_mix if cfg.loss.kind == "grpo" else 1.0
         (weight * loss).backward()
@@ -185,7 +216,9 @@ def _student_forward(
     return batch, logp_BR, batch.response_mask.to(logp_BR.dtype)
 
 
-def _grpo_rows(mods: StepModules, rows: Sequence[Row], denom: float) -> float:
+def _grpo_rows(
+    mods: StepModules, rows: Sequence[Row], denom: float, sums: dict[str, float]
+) -> float:
     """PPO-clip policy gradient over rows with a non-zero advantage (others add zero)."""
     cfg = mods.config
     total = 0.0
@@ -193,6 +226,7 @@ def _grpo_rows(mods: StepModules, rows: Sequence[Row], denom: float) -> float:
         # Old log-probs came from the tempered sampling distribution: score the same one.
         _, logp_BR, mask_BR = _student_forward(mods, chunk, temperature=cfg.rollout.temperature)
         old_BR = _old_logprobs(chunk, logp_BR.shape[1]).to(logp_BR.device)
+        _engine_agreement(sums, logp_BR, old_BR, mask_BR, None)
         adv_B = torch.tensor(
             [r.advantage for r in chunk], device=logp_BR.device, dtype=logp_BR.dtype
         )
@@ -337,15 +371,16 @@ def train_step(
     losses: dict[str, float] = {}
     stats: dict[str, list[float]] = {"score": [], "gap_success": [], "gap_failure": []}
     scores: dict[tuple[int, int], float] = {}
+    sums = {"mismatch_abs": 0.0, "mismatch_tokens": 0.0, "is_clipped": 0.0}
     if distills(cfg) and denoms["ctx_rows"]:
         d = denoms["distill"]
         losses["distill"] = (
-            _distill_rows(mods, ctx_rows, d, stats, scores, times) if ctx_rows else 0.0
+            _distill_rows(mods, ctx_rows, d, stats, scores, times, sums) if ctx_rows else 0.0
         )
     t0 = time.perf_counter()
     if cfg.loss.kind == "grpo":
         active = [r for r in rows if r.advantage != 0.0]
-        losses["grpo"] = _grpo_rows(mods, active, denoms["grpo"]) if active else 0.0
+        losses["grpo"] = _grpo_rows(mods, active, denoms["grpo"], sums) if active else 0.0
     elif cfg.loss.kind == "sft":
         losses["sft"] = _sft_rows(mods, successes, denoms["sft"]) if successes else 0.0
     elif cfg.loss.kind in ("dpo", "simpo"):
@@ -364,6 +399,10 @@ def train_step(
     if mods.teacher is not None:
         mods.teacher.update(student)
     times["optimizer"] = time.perf_counter() - t0
+    # Engines holding their own copy of the weights (vLLM) sample the next step from these.
+    t0 = time.perf_counter()
+    mods.engine.update_weights(student)
+    times["weight_push"] = time.perf_counter() - t0
     times["step"] = time.perf_counter() - t_start
 
     # Metrics: sums and counts over all processes, then the ratios.
@@ -375,6 +414,7 @@ def train_step(
         "mixed": sum(1 for rs in rewards_PG if len({x >= threshold for x in rs}) == 2),
         "tokens": sum(_tokens(rows)),
         "truncated": sum(r.rollout.truncated for r in rows),
+        **sums,
         **{f"loss/{k}": v for k, v in losses.items()},
     }
     if teacher_inputs is not None:
@@ -402,6 +442,11 @@ def train_step(
         "perf/tokens_per_s": tot["tokens"] / max(times["generate"], 1e-9),
     }
     metrics.update({f"loss/{k}": tot[f"loss/{k}"] for k in losses})
+    if tot["mismatch_tokens"]:
+        # Mean |log p_student - log p_engine| over the sampled tokens that were rescored.
+        metrics["rollout/logprob_mismatch"] = tot["mismatch_abs"] / tot["mismatch_tokens"]
+        if cfg.loss.is_clip is not None:
+            metrics["rollout/is_clipped_fraction"] = tot["is_clipped"] / tot["mismatch_tokens"]
     if teacher_inputs is not None:
         metrics["teacher/context_fraction"] = tot["with_ctx"] / tot["inputs"]
         metrics["teacher/prompt_tokens_mean"] = _mean(
