@@ -1,0 +1,390 @@
+"""Learning benchmark: base, GRPO, SDPO, MOPD-2S, MOPD-2S1F and a random-peer control.
+
+Every method trains the packaged SmolLM2-135M-Instruct with the same prompts, group size,
+steps, token limit and optimizer settings; only the loss (and its teacher context)
+differs. Learning rates are searched on a validation split for GRPO and for MOPD-2S1F
+(the other distillation methods share MOPD's), and the chosen runs are reported on a
+separate test split, several seeds each.
+
+The benchmark is a list of runs, each a `mopd train` followed by a `mopd eval` of its
+final checkpoint on the test split, in its own process. A finished run leaves a small
+record in `benchmarks/results/learning/<setting>/<run>.json` (kept in git); anything
+without a record is (re)started, from its last checkpoint when there is one. So it can be
+stopped at any time and continued later, in as many parts as needed:
+
+    python benchmarks/learning.py run --setting add1 --max-runs 3   # do some runs
+    python benchmarks/learning.py status --setting add1             # what is left
+    python benchmarks/learning.py report                            # tables + plots
+
+`run` does the learning-rate search first, then seed by seed the main runs, so a partial
+benchmark is balanced across methods.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "learning"
+RUNS = HERE / "runs" / "learning"  # checkpoints while a run is in progress (not in git)
+MODEL = "packaged:smollm2-135m-instruct"
+
+# Task settings. Options go to bench_tasks.make_arithmetic (an ArithmeticTask with a
+# validation and a test split).
+SETTINGS: dict[str, dict[str, Any]] = {
+    # One-digit addition: the student solves about half; 2S contexts rank rollouts better
+    # than the plain question (teacher-signal table in docs/benchmarks.md).
+    "add1": {"digits": 1, "terms": 2, "operators": "+", "n_train": 40},
+    # Three one-digit operands with + and *: precedence makes successes rarer.
+    "mix3": {"digits": 1, "terms": 3, "operators": "+*", "n_train": 200},
+}
+N_VALIDATION, N_TEST = 20, 40
+
+# The matched budget: identical for every method.
+COMMON = {
+    "model": {"name": MODEL},
+    "rollout": {"n": 8, "temperature": 0.7, "max_new_tokens": 32},
+    "train": {"steps": 8, "prompts_per_step": 2, "micro_batch_size": 16, "checkpoint_every": 2},
+    "optim": {"warmup_steps": 2},
+    "eval": {"every": 4, "k": 4, "temperature": 0.6, "top_p": 0.95},
+    "logging": {"progress": False},
+}
+METHODS: dict[str, list[str]] = {
+    "grpo": ["method=grpo"],
+    "sdpo": ["method=sdpo"],
+    "mopd-2s": ["method=mopd-2s"],
+    "mopd-2s1f": ["method=mopd"],
+    "random_peer": ["method=mopd", "peers.control=random_peer"],
+}
+SEARCHED = ("grpo", "mopd-2s1f")  # each gets the learning-rate grid
+LR_GRID = (5e-6, 2e-5, 8e-5)
+SEEDS = (0, 1, 2)
+EVAL_K = 4
+
+
+@dataclass(frozen=True)
+class Run:
+    setting: str
+    method: str  # a METHODS key, or "base" (no training: test evaluation only)
+    lr: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-lr{self.lr:g}-s{self.seed}"
+
+    @property
+    def record(self) -> Path:
+        return RESULTS / self.setting / f"{self.name}.json"
+
+    @property
+    def run_dir(self) -> Path:
+        return RUNS / self.setting / self.name
+
+
+# ------------------------------------------------------------------ planning
+
+
+def _records(setting: str) -> dict[str, dict[str, Any]]:
+    folder = RESULTS / setting
+    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+
+
+def chosen_lr(setting: str, method: str) -> float | None:
+    """Best final validation mean@k of the seed-0 grid; None until the grid is complete."""
+    records = _records(setting)
+    searched = "grpo" if method == "grpo" else "mopd-2s1f"
+    scores = {}
+    for lr in LR_GRID:
+        rec = records.get(Run(setting, searched, lr, 0).name)
+        if rec is None:
+            return None
+        scores[lr] = rec["validation"][-1][f"mean@{EVAL_K}"]
+    return max(LR_GRID, key=lambda lr: (scores[lr], -lr))  # ties: the smaller step
+
+
+def plan(setting: str) -> list[Run]:
+    """Every run of the benchmark that can be planned now, in execution order."""
+    runs = [Run(setting, m, lr, 0) for m in SEARCHED for lr in LR_GRID]
+    for seed in SEEDS:
+        runs.append(Run(setting, "base", 0.0, seed))
+        for method in METHODS:
+            lr = chosen_lr(setting, method)
+            if lr is not None:
+                runs.append(Run(setting, method, lr, seed))
+    unique = list(dict.fromkeys(runs))
+    return unique
+
+
+# ------------------------------------------------------------------ running
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")]))
+    return env
+
+
+def _mopd(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "mopd.cli", *args], check=True, env=_env())
+
+
+def _recipe(setting: str) -> Path:
+    recipe = {
+        **COMMON,
+        "task": {
+            "name": "bench_tasks:make_arithmetic",
+            "options": {
+                **SETTINGS[setting],
+                "split": "validation",
+                "n_validation": N_VALIDATION,
+                "n_test": N_TEST,
+            },
+        },
+    }
+    path = RUNS / setting / "recipe.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def _validation_curve(run_dir: Path) -> list[dict[str, float]]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    key = f"eval/mean@{EVAL_K}"
+    return [
+        {"step": r["step"], f"mean@{EVAL_K}": r[key], f"pass@{EVAL_K}": r[f"eval/pass@{EVAL_K}"]}
+        for r in rows
+        if key in r
+    ]
+
+
+def _train(run: Run) -> tuple[float, list[dict[str, float]], dict[str, float]]:
+    """Train (or continue) the run; returns wall seconds, validation curve, train means."""
+    t0 = time.time()
+    latest = run.run_dir / "checkpoints" / "latest"
+    if latest.exists():
+        _mopd("train", "--resume", str(run.run_dir))
+    else:
+        shutil.rmtree(run.run_dir, ignore_errors=True)
+        _mopd(
+            "train",
+            "--config",
+            str(_recipe(run.setting)),
+            *METHODS[run.method],
+            f"optim.lr={run.lr}",
+            f"train.seed={run.seed}",
+            f"logging.output_dir={run.run_dir.parent}",
+            f"logging.run_name={run.name}",
+        )
+    rows = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss/total" in r]
+    means = {
+        k: sum(r[k] for r in steps) / len(steps)
+        for k in ("time/step", "rollout/success_rate", "teacher/context_fraction")
+        if steps and all(k in r for r in steps)
+    }
+    return time.time() - t0, _validation_curve(run.run_dir), means
+
+
+def _test_eval(run: Run, model: str) -> tuple[float, dict[str, Any]]:
+    t0 = time.time()
+    out = run.run_dir / "test_eval.json"
+    options = {**SETTINGS[run.setting], "n_validation": N_VALIDATION, "n_test": N_TEST}
+    _mopd(
+        "eval",
+        "--model",
+        model,
+        "--task",
+        "bench_tasks:make_arithmetic",
+        "--k",
+        str(EVAL_K),
+        "--max-new-tokens",
+        str(COMMON["rollout"]["max_new_tokens"]),
+        "--seed",
+        str(run.seed),
+        "--output",
+        str(out),
+        "split=test",
+        *(f"{k}={v}" for k, v in options.items()),
+    )
+    result = json.loads(out.read_text())[0]
+    return time.time() - t0, result["overall"]
+
+
+def execute(run: Run) -> None:
+    record: dict[str, Any] = {"setting": run.setting, "method": run.method, "lr": run.lr}
+    record["seed"] = run.seed
+    if run.method == "base":
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        model, record["train_wall_s"], record["validation"] = MODEL, 0.0, []
+    else:
+        record["train_wall_s"], record["validation"], record["train_means"] = _train(run)
+        final = run.run_dir / "checkpoints" / "latest"
+        model = str(run.run_dir / "checkpoints" / final.read_text().strip() / "student")
+    record["test_wall_s"], record["test"] = _test_eval(run, model)
+    record["load_average"] = os.getloadavg()
+    record["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    run.record.parent.mkdir(parents=True, exist_ok=True)
+    tmp = run.record.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(tmp, run.record)
+    shutil.rmtree(run.run_dir, ignore_errors=True)  # checkpoints are ~2 GB each
+
+
+# ------------------------------------------------------------------ reporting
+
+# Two-sided 95% Student-t quantiles by degrees of freedom (seeds - 1).
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306}
+
+
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean and half-width of its 95% t-interval over seeds (nan for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, math.nan
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, _T95.get(n - 1, 1.96) * sd / math.sqrt(n)
+
+
+def _fmt(mean: float, half: float) -> str:
+    return f"{mean:.3f}" if math.isnan(half) else f"{mean:.3f} ± {half:.3f}"
+
+
+def _test_metric(records: list[dict[str, Any]], name: str) -> tuple[float, float]:
+    return mean_ci([r["test"]["metrics"][name]["mean"] for r in records])
+
+
+def summarize(setting: str) -> dict[str, Any]:
+    records = _records(setting)
+    search = [
+        {"method": m, "lr": lr, "validation": records[Run(setting, m, lr, 0).name]["validation"]}
+        for m in SEARCHED
+        for lr in LR_GRID
+        if Run(setting, m, lr, 0).name in records
+    ]
+    rows = []
+    for method in ("base", *METHODS):
+        lr = 0.0 if method == "base" else chosen_lr(setting, method)
+        if lr is None:
+            continue
+        recs = [records[n] for s in SEEDS if (n := Run(setting, method, lr, s).name) in records]
+        if not recs:
+            continue
+        rows.append(
+            {
+                "method": method,
+                "lr": lr,
+                "seeds": [r["seed"] for r in recs],
+                "test_mean": _test_metric(recs, f"mean@{EVAL_K}"),
+                "test_pass1": _test_metric(recs, "pass@1"),
+                "test_passk": _test_metric(recs, f"pass@{EVAL_K}"),
+                "train_wall_s": sum(r["train_wall_s"] for r in recs) / len(recs),
+                "curves": [r["validation"] for r in recs],
+                "train_means": [r.get("train_means", {}) for r in recs],
+            }
+        )
+    return {"setting": setting, "search": search, "methods": rows}
+
+
+def _markdown(summary: dict[str, Any]) -> str:
+    lines = [f"### Setting `{summary['setting']}`", ""]
+    if summary["search"]:
+        lines += ["Learning-rate search (seed 0, validation mean@4 at the last step):", ""]
+        lines += ["| method | lr | validation mean@4 |", "|---|---:|---:|"]
+        for s in summary["search"]:
+            lines.append(f"| {s['method']} | {s['lr']:g} | {s['validation'][-1]['mean@4']:.3f} |")
+        lines.append("")
+    lines += [
+        "Test split (mean over seeds ± 95% t-interval half-width over seeds):",
+        "",
+        "| method | lr | seeds | test mean@4 | test pass@1 | test pass@4 | train wall s/run |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in summary["methods"]:
+        lr = "—" if r["method"] == "base" else f"{r['lr']:g}"
+        lines.append(
+            f"| {r['method']} | {lr} | {len(r['seeds'])} | {_fmt(*r['test_mean'])} | "
+            f"{_fmt(*r['test_pass1'])} | {_fmt(*r['test_passk'])} | {r['train_wall_s']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _plot(summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in summary["methods"]:
+        if not r["curves"] or not r["curves"][0]:
+            continue
+        steps = [p["step"] for p in r["curves"][0]]
+        n = min(len(c) for c in r["curves"])
+        means = [sum(c[i]["mean@4"] for c in r["curves"]) / len(r["curves"]) for i in range(n)]
+        ax.plot(steps[:n], means, marker="o", label=f"{r['method']} ({len(r['curves'])} seeds)")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("validation mean@4")
+    ax.set_title(f"Validation curves, setting {summary['setting']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report() -> None:
+    parts = []
+    for setting in SETTINGS:
+        if not (RESULTS / setting).exists():
+            continue
+        summary = summarize(setting)
+        (RESULTS / f"{setting}.summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        _plot(summary, RESULTS / f"{setting}.png")
+        parts.append(_markdown(summary))
+    (RESULTS / "learning.md").write_text("\n".join(parts))
+    print("\n".join(parts))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("run", "status"):
+        p = sub.add_parser(name)
+        p.add_argument("--setting", choices=sorted(SETTINGS), default="add1")
+        if name == "run":
+            p.add_argument("--max-runs", type=int, default=None, help="stop after this many")
+    sub.add_parser("report")
+    args = parser.parse_args(argv)
+    if args.command == "report":
+        report()
+        return 0
+    done = 0
+    while True:
+        todo = [r for r in plan(args.setting) if not r.record.exists()]
+        if args.command == "status":
+            print(f"{len(todo)} runs to do (more are planned once the lr search ends):")
+            print("\n".join(f"  {r.name}" for r in todo))
+            return 0
+        if not todo or (args.max_runs is not None and done >= args.max_runs):
+            return 0
+        run = todo[0]
+        print(f"[{time.strftime('%H:%M:%S')}] {args.setting}/{run.name}", flush=True)
+        execute(run)
+        done += 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

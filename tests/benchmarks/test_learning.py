@@ -1,0 +1,80 @@
+"""The learning benchmark's planning, split and statistics (no training here)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+pytestmark = pytest.mark.unit
+
+
+def _load(name: str):
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+@pytest.fixture
+def learning(tmp_path, monkeypatch):
+    module = _load("learning")
+    monkeypatch.setattr(module, "RESULTS", tmp_path / "results")
+    return module
+
+
+def _write(module, method: str, lr: float, seed: int, final: float) -> None:
+    run = module.Run("add1", method, lr, seed)
+    run.record.parent.mkdir(parents=True, exist_ok=True)
+    run.record.write_text(json.dumps({"validation": [{"step": 8, "mean@4": final}]}))
+
+
+def test_validation_and_test_splits_are_disjoint_from_each_other_and_training():
+    tasks = _load("bench_tasks")
+    val = tasks.make_arithmetic("validation", n_validation=5, n_test=7, n_train=20)
+    test = tasks.make_arithmetic("test", n_validation=5, n_test=7, n_train=20)
+    ids = lambda problems: {p.id for p in problems}  # noqa: E731
+    assert len(val.eval_problems()) == 5 and len(test.eval_problems()) == 7
+    assert not ids(val.eval_problems()) & ids(test.eval_problems())
+    assert not ids(val.train_problems()) & (ids(val.eval_problems()) | ids(test.eval_problems()))
+    with pytest.raises(ValueError, match="split"):
+        tasks.make_arithmetic("train")
+
+
+def test_main_runs_are_planned_only_after_the_search_and_use_the_best_rate(learning):
+    before = learning.plan("add1")
+    assert {r.method for r in before} == {"grpo", "mopd-2s1f", "base"}
+    for lr, score in zip(learning.LR_GRID, (0.5, 0.7, 0.6), strict=True):
+        _write(learning, "mopd-2s1f", lr, 0, score)
+    for lr, score in zip(learning.LR_GRID, (0.4, 0.4, 0.3), strict=True):
+        _write(learning, "grpo", lr, 0, score)
+    after = learning.plan("add1")
+    best_mopd, best_grpo = learning.LR_GRID[1], learning.LR_GRID[0]  # grpo tie: smaller lr
+    assert {r.lr for r in after if r.method in ("sdpo", "mopd-2s", "random_peer")} == {best_mopd}
+    assert {r.lr for r in after if r.method == "grpo" and r.seed > 0} == {best_grpo}
+    assert len(after) == len(set(after))  # the seed-0 search run is not planned twice
+
+
+def test_mean_ci_is_a_t_interval_over_seeds(learning):
+    mean, half = learning.mean_ci([0.5, 0.6, 0.7])
+    assert mean == pytest.approx(0.6)
+    assert half == pytest.approx(4.303 * 0.1 / math.sqrt(3))
+    assert math.isnan(learning.mean_ci([0.4])[1])
+
+
+def test_memory_plan_counts_qwen3_8b_parameters():
+    memory = _load("memory_plan")
+    assert memory.MODELS["qwen3-8b"].params() == pytest.approx(8.19e9, rel=0.01)
+    assert memory.MODELS["qwen3-4b"].params() == pytest.approx(4.02e9, rel=0.01)
+    rows = memory.plan(memory.MODELS["qwen3-8b"], gpus=8)
+    assert rows["replicated (no FSDP): states / GPU"] > 80 > rows["total / GPU"]
