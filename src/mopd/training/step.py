@@ -135,6 +135,38 @@ def _engine_agreement(
             sums["is_clipped"] += float(clipped_BR.sum())
 
 
+# The teacher forward of a micro-batch runs in this many parts of rows sorted by length:
+# teacher prompts differ in length by whole peer responses, and each part is padded only
+# to its own longest row. Measured in docs/benchmarks.md (systems benchmark).
+TEACHER_PARTS = 4
+
+
+def _teacher_logits(mods: StepModules, chunk: Sequence[Row], device: torch.device) -> torch.Tensor:
+    """Teacher logits at the chunk's response positions: ``(B, R, V)``, R its longest response.
+
+    Rows are sorted by teacher prompt + response length and scored in `TEACHER_PARTS`
+    forwards; positions past a row's part width hold zeros (they are masked out).
+    """
+    assert mods.teacher is not None
+    pad = mods.tokenizer.pad_token_id
+    lengths = [len(r.teacher.prompt_ids) + len(r.rollout.response_ids) for r in chunk]  # type: ignore[union-attr]
+    order = sorted(range(len(chunk)), key=lengths.__getitem__)
+    width_r = max(len(r.rollout.response_ids) for r in chunk)
+    out_BRV: torch.Tensor | None = None
+    for part in _chunks(order, math.ceil(len(chunk) / TEACHER_PARTS)):
+        batch = build_scoring_batch(
+            [chunk[i].teacher.prompt_ids for i in part],  # type: ignore[union-attr]
+            [chunk[i].rollout.response_ids for i in part],
+            pad,
+        )
+        logits_bRV = mods.teacher.logits(batch.to(device), student=mods.student)
+        if out_BRV is None:
+            out_BRV = logits_bRV.new_zeros(len(chunk), width_r, logits_bRV.shape[-1])
+        out_BRV[list(part), : logits_bRV.shape[1]] = logits_bRV
+    assert out_BRV is not None
+    return out_BRV
+
+
 def _distill_rows(
     mods: StepModules,
     rows: Sequence[Row],
@@ -153,8 +185,7 @@ def _distill_rows(
     for chunk in _chunks(rows, cfg.train.micro_batch_size):
         responses = [r.rollout.response_ids for r in chunk]
         t0 = time.perf_counter()
-        t_batch = build_scoring_batch([r.teacher.prompt_ids for r in chunk], responses, pad)  # type: ignore[union-attr]
-        t_logits_BRV = mods.teacher.logits(t_batch.to(device), student=mods.student)
+        t_logits_BRV = _teacher_logits(mods, chunk, device)
         t1 = time.perf_counter()
         s_batch = build_scoring_batch([r.prompt_ids for r in chunk], responses, pad).to(device)
         s_logits_BRV = response_logits(mods.student, s_batch)
