@@ -240,6 +240,8 @@ def execute(run: Run) -> None:
         model = str(run.run_dir / "checkpoints" / final.read_text().strip() / "student")
     record["test_wall_s"], record["test"] = _test_eval(run, model)
     record["load_average"] = os.getloadavg()
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    record["commit"] = head.stdout.strip() or None
     record["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     run.record.parent.mkdir(parents=True, exist_ok=True)
     tmp = run.record.with_suffix(".tmp")
