@@ -31,6 +31,7 @@ from mopd.core.prompts import TeacherTemplates
 METHODS = ("mopd", "mopd-2s", "sdpo", "grpo", "opd", "dpo", "simpo", "sft")
 LOSS_KINDS = ("distill", "grpo", "dpo", "simpo", "sft")
 TEACHER_KINDS = ("ema", "trust-region", "external")
+PARALLEL_MODES = ("replicate", "fsdp")
 
 
 class ConfigError(ValueError):
@@ -215,6 +216,9 @@ class TrainConfig:
     # that any process count dividing it draws the same rollouts. None: one per process.
     rollout_shards: int | None = None
     dist_timeout_minutes: float = 60.0  # collectives' timeout (rank 0 evaluates alone)
+    # Several processes: "replicate" (full copies, gradients all-reduced) or "fsdp" (the
+    # student's weights, gradients and AdamW state sharded, FSDP2). One process: no effect.
+    parallel: str = "replicate"
 
     def __post_init__(self) -> None:
         _check(self.steps >= 0, "train.steps", "must be >= 0")
@@ -232,6 +236,7 @@ class TrainConfig:
                 f"got {self.rollout_shards}",
             )
         _check(self.dist_timeout_minutes > 0, "train.dist_timeout_minutes", "must be > 0")
+        _one_of(self.parallel, "train.parallel", PARALLEL_MODES)
 
 
 @dataclass
@@ -287,6 +292,12 @@ class Config:
             self.loss.kind not in ("dpo", "simpo") or self.rollout.n >= 2,
             "rollout.n",
             f"{self.loss.kind} builds pairs inside a group: needs rollout.n >= 2",
+        )
+        _check(
+            self.train.parallel != "fsdp" or self.model.lora.r == 0,
+            "train.parallel",
+            "fsdp does not support LoRA adapters (model.lora.r > 0) yet: use "
+            "train.parallel=replicate with LoRA, or model.lora.r=0 with fsdp",
         )
 
 

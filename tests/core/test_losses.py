@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from mopd.core import losses
 from mopd.core.losses import (
     AGGREGATION_MODES,
     aggregate,
@@ -121,6 +122,34 @@ def test_large_vocabulary_top100_with_tail_matches_reference():
         expected = _reference_divergence(student, teacher, k=100, alpha=alpha, add_tail=True)
         got = topk_divergence(student, teacher, k=100, alpha=alpha)
         torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_row_chunked_normaliser_gives_the_unchunked_loss_and_gradient(monkeypatch, temperature):
+    """The top-k path reduces the vocabulary a few rows at a time: chunk edges change nothing."""
+    student, teacher = _logits(3, 5, 40, seed=30), _logits(3, 5, 40, seed=31)
+    weights = _logits(3, 5, seed=32)
+
+    def loss_and_grad() -> tuple[torch.Tensor, torch.Tensor]:
+        ours = student.clone().requires_grad_()
+        loss = topk_divergence(ours, teacher, k=6, alpha=0.5, temperature=temperature)
+        (loss * weights).sum().backward()
+        assert ours.grad is not None
+        return loss.detach(), ours.grad
+
+    whole = loss_and_grad()
+    monkeypatch.setattr(losses, "_CHUNK_BYTES", 2 * 40 * 4)  # two rows per chunk, 8 chunks
+    chunked = loss_and_grad()
+    torch.testing.assert_close(chunked[0], whole[0])
+    torch.testing.assert_close(chunked[1], whole[1])
+    reference = student.double().requires_grad_()
+    expected = _reference_divergence(
+        reference, teacher, k=6, alpha=0.5, add_tail=True, temperature=temperature
+    )
+    (expected * weights.double()).sum().backward()
+    assert reference.grad is not None
+    torch.testing.assert_close(chunked[0].double(), expected.detach(), atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(chunked[1].double(), reference.grad, atol=2e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("temperature", [0.5, 2.0])

@@ -1,5 +1,5 @@
 """Data-parallel training: 2 CPU processes (gloo, launched by torchrun through the CLI)
-take the same steps as 1 process on the same batch."""
+take the same steps as 1 process on the same batch, replicated or sharded (FSDP)."""
 
 from __future__ import annotations
 
@@ -135,6 +135,57 @@ def test_two_processes_train_like_one_process_and_resume(tmp_path, tiny_model_di
         torch.testing.assert_close(_weights(copy, 2)[key], a[key], rtol=0, atol=1e-5)
     train_rows = lambda path: [r for r in _jsonl(path) if "loss/total" in r]  # noqa: E731
     _assert_same_metrics(train_rows(run / "metrics.jsonl"), train_rows(copy / "metrics.jsonl"))
+
+
+@pytest.mark.integration
+def test_fsdp_two_processes_train_like_one_process_and_resume(tmp_path, tiny_model_dir):
+    # Student, gradients, AdamW state and EMA teacher sharded over two processes (FSDP2
+    # on gloo) vs. one process. GRPO mixed with distillation: each process runs its own
+    # number of micro-batches in each phase, which the lockstep must reconcile.
+    mixed = ("method=grpo", "loss.grpo_mix=0.5")
+    single = Trainer(
+        load_config(
+            "demo", _overrides(tmp_path / "one", tiny_model_dir, "train.rollout_shards=2", *mixed)
+        )
+    ).train()
+    overrides = _overrides(
+        tmp_path / "fsdp", tiny_model_dir, "train.checkpoint_every=1", "train.parallel=fsdp", *mixed
+    )
+    _torchrun(overrides)
+    run = tmp_path / "fsdp" / "run"
+    a, b = _weights(single.run_dir, 2), _weights(run, 2)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5)
+    # The checkpoint is a plain Hugging Face folder, the teacher state full tensors.
+    config = json.loads((run / "checkpoints/step-000002/student/config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    teacher = torch.load(run / "checkpoints/step-000002/teacher.pt", weights_only=True)
+    single_teacher = torch.load(
+        single.run_dir / "checkpoints/step-000002/teacher.pt", weights_only=True
+    )
+    for key, value in single_teacher.items():
+        torch.testing.assert_close(teacher[key], value, rtol=0, atol=1e-5)
+    _assert_same_rollouts(single.run_dir / "rollouts_full.jsonl", run / "rollouts_full.jsonl")
+    metrics = _jsonl(run / "metrics.jsonl")
+    _assert_same_metrics(_jsonl(single.run_dir / "metrics.jsonl"), metrics)
+    # The processes' micro-batch counts did differ (else this run tests no lockstep).
+    assert sum(r.get("perf/lockstep_mirrored", 0) for r in metrics) > 0
+
+    # Resume from step 1 (sharded optimizer and teacher state restored from full dicts).
+    copy = tmp_path / "resumed"
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "checkpoints" / "step-000002")
+    (copy / "checkpoints" / "latest").write_text("step-000001")
+    _torchrun([], resume=copy)
+    for key in a:
+        torch.testing.assert_close(_weights(copy, 2)[key], a[key], rtol=0, atol=1e-5)
+
+
+@pytest.mark.unit
+def test_fsdp_with_lora_is_a_config_error():
+    with pytest.raises(ConfigError, match=re.escape("train.parallel")):
+        load_config("demo", ["train.parallel=fsdp", "model.lora.r=8"])
 
 
 @pytest.mark.unit

@@ -25,15 +25,18 @@ top-k ids and importance weights are detached.
 all zero (no teacher context, padding) add nothing to the numerator *and are not counted
 in the denominator*, so masking a rollout does not dilute the others' loss.
 
-Deviation from the reference implementation: log-normalisers are computed with one
-in-place ``exp`` over the vocabulary instead of a full ``log_softmax`` of both models,
-so the top-k path never holds two extra [B, T, V] tensors; half-precision logits are
-reduced in float32.
+Deviation from the reference implementation: the top-k path never makes a
+``log_softmax`` of either model. Log-normalisers are reduced a few rows at a time (about
+``_CHUNK_BYTES`` of vocabulary-sized temporaries), and the student's backward recomputes
+each chunk's softmax instead of keeping it, so beyond its inputs the loss holds only
+[B, T, k]-sized tensors between forward and backward, and its backward allocates the
+student-logit gradient and one chunk. Half-precision logits are reduced in float32.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -71,29 +74,88 @@ def _check_same_shape(name_a: str, a: Tensor, name_b: str, b: Tensor, ndim: int)
         )
 
 
-def _vocab_logsumexp(logits_BTV: Tensor, temperature: float, dtype: torch.dtype) -> Tensor:
-    """logsumexp(logits / temperature) over the last dimension, in ``dtype``.  # (B, T)
+# Rows of a [..., V] tensor reduced at once: bounds the vocabulary-sized temporaries of the
+# log-normaliser (forward) and of its gradient (backward) to about this many bytes,
+# whatever B, T and V are.
+_CHUNK_BYTES = 32 * 2**20
 
-    Allocates exactly one [B, T, V] tensor in ``dtype``; the shift, the scaling and the
-    exp happen in place on it. When ``logits_BTV`` requires grad, autograd keeps that
-    tensor (the unnormalised softmax) until backward.
+
+def _row_chunks(n_rows: int, n_vocab: int, itemsize: int) -> list[slice]:
+    step = max(1, _CHUNK_BYTES // max(1, n_vocab * itemsize))
+    return [slice(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
+
+
+def _chunk_logsumexp(logits_nV: Tensor, temperature: float, dtype: torch.dtype) -> Tensor:
+    """logsumexp(logits / temperature) of a few rows, no autograd.  # (n,)
+
+    One [n, V] temporary in ``dtype``; the shift by the row max keeps every exp in [0, 1]
+    with one entry exactly 1, so the sum is >= 1 and its log finite even for logits like
+    +-1e4.
     """
-    shift_BT1 = logits_BTV.detach().amax(dim=-1, keepdim=True).to(dtype)
-    # Shifting by the row max keeps every exp in [0, 1] with one entry exactly 1, so the
-    # sum is >= 1 and its log finite even for logits like +-1e4. The shift is constant
-    # for autograd, which is exact: the gradient of logsumexp does not depend on it.
-    shifted_BTV = logits_BTV - shift_BT1  # type promotion makes this the dtype copy
+    shifted_nV = logits_nV.to(dtype, copy=True)
+    shift_n1 = shifted_nV.amax(dim=-1, keepdim=True)
+    shifted_nV.sub_(shift_n1)
     if temperature != 1.0:
-        shifted_BTV.div_(temperature)
-    shifted_BTV.exp_()
-    return shift_BT1.squeeze(-1) / temperature + shifted_BTV.sum(dim=-1).log()
+        shifted_nV.div_(temperature)
+    return shift_n1.squeeze(-1) / temperature + shifted_nV.exp_().sum(dim=-1).log()
+
+
+class _GatheredLogProbs(torch.autograd.Function):
+    """log softmax(logits / temperature) read at ``ids``: ``[..., V], [..., K] -> [..., K]``.
+
+    Forward and backward walk the rows in chunks (`_CHUNK_BYTES`), and autograd keeps only
+    the inputs and the [...] log-normalisers: no [..., V] tensor lives between forward
+    and backward, and the only full-size allocation of the backward is the gradient
+    itself. The backward recomputes each chunk's softmax instead of storing it.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, logits: Tensor, ids: Tensor, temperature: float, dtype: torch.dtype
+    ) -> Tensor:
+        logits_NV = logits.flatten(0, -2)
+        lse_N = logits_NV.new_empty(logits_NV.shape[0], dtype=dtype)
+        n_rows, n_vocab = logits_NV.shape
+        for rows in _row_chunks(n_rows, n_vocab, torch.finfo(dtype).bits // 8):
+            lse_N[rows] = _chunk_logsumexp(logits_NV[rows], temperature, dtype)
+        lse = lse_N.view(logits.shape[:-1])
+        ctx.save_for_backward(logits, ids, lse)
+        ctx.temperature, ctx.dtype = temperature, dtype
+        return logits.gather(-1, ids).to(dtype) / temperature - lse.unsqueeze(-1)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, None, None]:
+        logits, ids, lse = ctx.saved_tensors
+        temperature, dtype = ctx.temperature, ctx.dtype
+        logits_NV, ids_NK = logits.flatten(0, -2), ids.flatten(0, -2)
+        grad_NK, lse_N1 = grad_out.flatten(0, -2) / temperature, lse.reshape(-1, 1)
+        # d/dx_j of sum_k g_k (x_{id_k} / t - lse) = (g at j) / t - softmax_j * sum_k g_k / t
+        weight_N1 = grad_NK.sum(dim=-1, keepdim=True)
+        grad_NV = torch.empty_like(logits_NV)
+        n_rows, n_vocab = logits_NV.shape
+        for rows in _row_chunks(n_rows, n_vocab, torch.finfo(dtype).bits // 8):
+            part_nV = logits_NV[rows].to(dtype, copy=True)
+            if temperature != 1.0:
+                part_nV.div_(temperature)
+            part_nV.sub_(lse_N1[rows]).exp_().mul_(-weight_N1[rows])
+            part_nV.scatter_add_(-1, ids_NK[rows], grad_NK[rows])
+            grad_NV[rows] = part_nV
+        return grad_NV.view(logits.shape), None, None, None
+
+
+def _gathered_log_probs(
+    logits: Tensor, ids: Tensor, temperature: float, dtype: torch.dtype
+) -> Tensor:
+    """log softmax(logits / temperature) at ``ids``, reduced in ``dtype``; see the class."""
+    out: Tensor = _GatheredLogProbs.apply(logits, ids, temperature, dtype)
+    return out
 
 
 def token_logprobs(logits_BTV: Tensor, ids_BT: Tensor, temperature: float = 1.0) -> Tensor:
     """log softmax(logits / temperature) read at ``ids_BT``.  # (B, T)
 
-    Computed as gathered logit minus logsumexp, so only one [B, T, V] temporary exists
-    (float32 for half-precision logits), not a full log-softmax plus its copy.
+    Computed as gathered logit minus logsumexp, row chunk by row chunk, so no [B, T, V]
+    temporary exists (float32 for half-precision logits), not a full log-softmax.
     """
     _check_temperature(temperature)
     if logits_BTV.ndim != 3 or ids_BT.shape != logits_BTV.shape[:2]:
@@ -101,9 +163,9 @@ def token_logprobs(logits_BTV: Tensor, ids_BT: Tensor, temperature: float = 1.0)
             "token_logprobs expects logits [B, T, V] and ids [B, T], "
             f"got {tuple(logits_BTV.shape)} and {tuple(ids_BT.shape)}"
         )
+    ids_BT1 = ids_BT.long().unsqueeze(-1)
     dtype = _compute_dtype(logits_BTV)
-    picked_BT = logits_BTV.gather(-1, ids_BT.long().unsqueeze(-1)).squeeze(-1).to(dtype)
-    return picked_BT / temperature - _vocab_logsumexp(logits_BTV, temperature, dtype)
+    return _gathered_log_probs(logits_BTV, ids_BT1, temperature, dtype).squeeze(-1)
 
 
 def _append_tail(logp_BTK: Tensor) -> Tensor:
@@ -119,16 +181,15 @@ def _topk_log_probs(
     dtype = _compute_dtype(student_BTV, teacher_BTV)
     # Positive temperature preserves order, so the raw logits give the same top-k set.
     ids_BTK = student_BTV.detach().topk(k, dim=-1, sorted=False).indices
-    # Teacher first: its [B, T, V] temporary is freed before the student's is made.
-    with torch.no_grad():
-        logq_BTK = teacher_BTV.gather(-1, ids_BTK).to(dtype) / temperature
-        if add_tail:
-            logq_BTK = logq_BTK - _vocab_logsumexp(teacher_BTV, temperature, dtype).unsqueeze(-1)
-    logp_BTK = student_BTV.gather(-1, ids_BTK).to(dtype) / temperature
     if not add_tail:
         # Renormalised over the k ids: no vocabulary-wide normaliser needed at all.
+        with torch.no_grad():
+            logq_BTK = teacher_BTV.gather(-1, ids_BTK).to(dtype) / temperature
+        logp_BTK = student_BTV.gather(-1, ids_BTK).to(dtype) / temperature
         return torch.log_softmax(logp_BTK, dim=-1), torch.log_softmax(logq_BTK, dim=-1)
-    logp_BTK = logp_BTK - _vocab_logsumexp(student_BTV, temperature, dtype).unsqueeze(-1)
+    with torch.no_grad():
+        logq_BTK = _gathered_log_probs(teacher_BTV, ids_BTK, temperature, dtype)
+    logp_BTK = _gathered_log_probs(student_BTV, ids_BTK, temperature, dtype)
     return _append_tail(logp_BTK), _append_tail(logq_BTK)
 
 
@@ -172,11 +233,11 @@ def topk_divergence(
     Returns:
         ``[B, T]`` loss in float32 (float64 for float64 inputs); no mask, no reduction.
 
-    Memory beyond the inputs, top-k path: the [B, T, k] tensors, plus with ``add_tail``
-    a single [B, T, V] temporary at a time in the compute dtype (the teacher's is freed
-    before the student's is made; the student's is kept by autograd for backward).
-    Without the tail, none. The full-vocabulary path materialises both log-softmaxes
-    and several same-sized intermediates: use it for small vocabularies or checks.
+    Memory beyond the inputs, top-k path: [B, T, k]-sized tensors and, with
+    ``add_tail``, one row chunk of vocabulary-sized temporaries (``_CHUNK_BYTES``) at a
+    time; backward adds the [B, T, V] gradient of ``student_logits``. The full-vocabulary
+    path materialises both log-softmaxes and several same-sized intermediates: use it for
+    small vocabularies or checks.
     """
     _check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits, 3)
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):

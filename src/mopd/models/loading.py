@@ -322,7 +322,12 @@ def load_model(
 # --------------------------------------------------------------------------- memory options
 
 
-def _autocast_hooks(model: torch.nn.Module, device_type: str) -> None:
+def autocast_device(model: torch.nn.Module) -> str | None:
+    """The device type `model`'s bf16 autocast hooks use, or None without them."""
+    return getattr(model, "_mopd_autocast_device", None)
+
+
+def autocast_hooks(model: torch.nn.Module, device_type: str) -> None:
     """Run every forward of `model` under bf16 autocast; hand float32 logits back.
 
     Parameters stay in their dtype (fp32 master weights, fp32 optimizer state); autocast
@@ -348,6 +353,8 @@ def _autocast_hooks(model: torch.nn.Module, device_type: str) -> None:
 
     model.register_forward_pre_hook(enter)
     model.register_forward_hook(leave, always_call=True)
+    # For copies that are rebuilt rather than deep-copied (sharded teachers).
+    object.__setattr__(model, "_mopd_autocast_device", device_type)
 
 
 def apply_memory_options(
@@ -370,5 +377,5 @@ def apply_memory_options(
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if autocast == "bfloat16":
-        _autocast_hooks(model, model.device.type)
+        autocast_hooks(model, model.device.type)
     return model

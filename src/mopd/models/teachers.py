@@ -20,6 +20,10 @@ the EMA teacher to the student.
 A LoRA student (:mod:`mopd.models.lora`) gets a plain full-weight teacher built from its
 merged weights; the EMA then follows the effective weights ``W + s·B·A`` layer by layer,
 never the adapter factors.
+
+A sharded student (``train.parallel=fsdp``, :mod:`mopd.models.sharding`) gets teachers
+sharded the same way: the EMA runs on each process's shards, and the state dicts for
+checkpoints are full (gathered on rank 0; loading takes the full dict on every process).
 """
 
 from __future__ import annotations
@@ -34,6 +38,14 @@ from torch import Tensor
 
 from mopd.models.lora import effective_parameters, is_adapted, merged_copy, plain_buffers
 from mopd.models.scoring import ScoringBatch, output_vocab_size, response_logits
+from mopd.models.sharding import (
+    full_state_dict,
+    is_sharded,
+    load_full_state_dict,
+    local,
+    reshard,
+    sharded_copy,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -50,8 +62,9 @@ def _frozen(model: PreTrainedModel) -> PreTrainedModel:
 
 
 def _frozen_copy(student: PreTrainedModel) -> PreTrainedModel:
-    """A detached plain copy of `student`'s effective model (LoRA merged) on its device."""
-    return _frozen(merged_copy(student))
+    """A detached plain copy of `student`'s effective model (LoRA merged) on its device;
+    of a sharded student, a copy sharded the same way."""
+    return _frozen(sharded_copy(student) if is_sharded(student) else merged_copy(student))
 
 
 @contextlib.contextmanager
@@ -99,10 +112,16 @@ class _CopyTeacher(Teacher):
         self.model = _frozen_copy(student)
 
     def state_dict(self) -> dict[str, Tensor]:
+        """Live tensors; of a sharded model, full copies on rank 0 (a collective)."""
+        if is_sharded(self.model):
+            return full_state_dict(self.model)
         return self.model.state_dict()
 
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
-        self.model.load_state_dict(state, strict=True)
+        if is_sharded(self.model):
+            load_full_state_dict(self.model, state)
+        else:
+            self.model.load_state_dict(state, strict=True)
 
 
 class EmaTeacher(_CopyTeacher):
@@ -127,9 +146,14 @@ class EmaTeacher(_CopyTeacher):
         """``θ_T ← θ_T + rate·(θ_S - θ_T)`` for every parameter; buffers are copied.
 
         For a LoRA student ``θ_S`` is the effective weight ``W + s·B·A`` of each layer.
+        Sharded models: teacher and student hold the same slice of every parameter on
+        each process, and the update runs on these local shards.
         """
         if self.rate == 0.0:  # frozen copy of the initial student
             return
+        for model in (self.model, student):
+            if is_sharded(model):
+                reshard(model)
         if is_adapted(student):
             self._update_from_effective(student)
             return
@@ -138,8 +162,8 @@ class EmaTeacher(_CopyTeacher):
         if teacher_params.keys() != student_params.keys():
             raise ValueError("student parameters no longer match the EMA teacher's copy")
         names = list(teacher_params)
-        ours: list[Tensor] = [teacher_params[n] for n in names]
-        theirs: list[Tensor] = [student_params[n].detach() for n in names]
+        ours: list[Tensor] = [local(teacher_params[n]) for n in names]
+        theirs: list[Tensor] = [local(student_params[n].detach()) for n in names]
         if hasattr(torch, "_foreach_lerp_"):
             torch._foreach_lerp_(ours, theirs, self.rate)
         else:  # pragma: no cover - very old torch

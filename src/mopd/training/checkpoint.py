@@ -10,6 +10,13 @@ Layout of ``RUN_DIR/checkpoints/step-000010/``::
     trainer_state.pt    optimizer, scheduler, RNG states, step, data position, rollout shards
     COMPLETE            written last
 
+A sharded student (``train.parallel=fsdp``) is checkpointed in the same layout with full
+tensors: every process takes part in gathering the student, teacher and optimizer state
+to rank 0, which writes them. The optimizer state is then keyed by parameter name
+(``torch.distributed.checkpoint``'s full optimizer state dict) rather than by position,
+and marked so; resuming loads the full state on every process, which keeps its shards.
+Such a checkpoint resumes with any process count, but only with ``train.parallel=fsdp``.
+
 A checkpoint is written into a hidden temporary folder and renamed into place, and the
 ``latest`` pointer is replaced atomically afterwards, so a run killed mid-save leaves
 the previous checkpoint intact and never a half-written one that looks finished.
@@ -27,9 +34,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from mopd.config import ConfigError
 from mopd.models.lora import is_adapted, save_adapted_student
+from mopd.models.sharding import (
+    full_optimizer_state,
+    full_state_dict,
+    is_sharded,
+    load_full_optimizer_state,
+    save_full_pretrained,
+)
 
 COMPLETE = "COMPLETE"
+BY_NAME = "by-name"  # optimizer state format of sharded students
 
 
 @dataclass
@@ -68,28 +84,44 @@ def save_checkpoint(
     teacher: Any | None = None,
     reference: Any | None = None,
     keep_last: int = 2,
-) -> Path:
-    """Write a checkpoint atomically and point ``latest`` at it; prune older ones."""
+    write: bool = True,
+) -> Path | None:
+    """Write a checkpoint atomically and point ``latest`` at it; prune older ones.
+
+    Sharded student: every process must call this (the states are gathered to rank 0);
+    only the one with ``write=True`` (rank 0) writes, the others return None.
+    """
+    sharded = is_sharded(student)
+    if sharded:  # collectives first, on every process, in the same order
+        student_state = full_state_dict(student)
+        optimizer_state = full_optimizer_state(student, optimizer)
+    teacher_state = teacher.state_dict() if teacher is not None else None
+    reference_state = reference.state_dict() if reference is not None else None
+    if not write:
+        return None
     final = checkpoint_dir(run_dir, state.step)
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    if is_adapted(student):  # merged model for users, adapter alone for resuming
+    if sharded:
+        save_full_pretrained(student, student_state, tmp / "student")
+    elif is_adapted(student):  # merged model for users, adapter alone for resuming
         save_adapted_student(student, tmp / "student", tmp / "adapter")
     else:
         student.save_pretrained(tmp / "student", safe_serialization=True)
     tokenizer.save_pretrained(tmp / "student")
-    if teacher is not None:
-        torch.save(teacher.state_dict(), tmp / "teacher.pt")
-    if reference is not None:
-        torch.save(reference.state_dict(), tmp / "reference.pt")
+    if teacher_state is not None:
+        torch.save(teacher_state, tmp / "teacher.pt")
+    if reference_state is not None:
+        torch.save(reference_state, tmp / "reference.pt")
     torch.save(
         {
             "step": state.step,
             "data_position": state.data_position,
             "rollout_shards": state.rollout_shards,
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state if sharded else optimizer.state_dict(),
+            **({"optimizer_format": BY_NAME} if sharded else {}),
             "scheduler": scheduler.state_dict(),
             "rng": rng_state(),
         },
@@ -131,10 +163,25 @@ def load_trainer_state(
     scheduler: Any,
     teacher: Any | None = None,
     reference: Any | None = None,
+    student: Any | None = None,
 ) -> TrainerState:
-    """Restore optimizer, scheduler, teacher and RNG states in place; return the counters."""
+    """Restore optimizer, scheduler, teacher and RNG states in place; return the counters.
+
+    `student` is needed for a sharded student (its optimizer state is keyed by name).
+    """
     data = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(data["optimizer"])
+    by_name = data.get("optimizer_format") == BY_NAME
+    sharded = student is not None and is_sharded(student)
+    if by_name != sharded:
+        written, now = ("fsdp", "replicate") if by_name else ("replicate", "fsdp")
+        raise ConfigError(
+            f"{ckpt} was written with train.parallel={written}; resume it with "
+            f"train.parallel={written}, not {now}"
+        )
+    if student is not None and sharded:
+        load_full_optimizer_state(student, optimizer, data["optimizer"])
+    else:
+        optimizer.load_state_dict(data["optimizer"])
     scheduler.load_state_dict(data["scheduler"])
     if teacher is not None:
         teacher.load_state_dict(

@@ -4,7 +4,8 @@ A launcher (`torchrun`, or `accelerate launch`, which calls it) starts one proce
 device and sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
 ``MASTER_PORT``. :func:`init_distributed` reads them and opens the default process group
 (gloo on CPU, NCCL on CUDA) unless the caller already did; nothing else of the launcher
-is used. Every process holds a full copy of the student, the teacher and the optimizer.
+is used. By default (``train.parallel=replicate``) every process holds a full copy of the
+student, the teacher and the optimizer.
 
 What is split: the P prompts of a step, in whole rollout shards (`training.shards`), so
 a rollout group never straddles two processes and each shard's rollouts do not depend on
@@ -15,6 +16,11 @@ batch: the loss denominators (token or sequence counts, summed before the first 
 the gradients (summed after the last backward, before clipping), and the metrics (sums
 and counts, summed; timings, max). Each process then clips the same gradient and takes the
 same optimizer and EMA-teacher step, so the replicas stay equal without a broadcast.
+
+With ``train.parallel=fsdp`` the student (and the teachers copied from it) are sharded
+instead (`mopd.models.sharding`): FSDP sums each gradient with a reduce-scatter during
+the backward, and :meth:`Distributed.sum_gradients` only waits, through
+`training.lockstep`, until every process has run its backwards.
 
 Compared with `DistributedDataParallel`, the gradient sum runs once after the whole
 accumulation (DDP under `no_sync` would do the same) rather than overlapping the last
@@ -28,12 +34,15 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 import torch.distributed as torch_dist
 
 from mopd.config import ConfigError
+
+if TYPE_CHECKING:
+    from mopd.training.lockstep import Lockstep
 
 T = TypeVar("T")
 
@@ -55,6 +64,8 @@ class Distributed:
     local_rank: int = 0
     device: str = "cpu"  # where collective buffers live: "cpu" for gloo, "cuda:i" for NCCL
     owns_group: bool = False  # `close` destroys the process group only if we opened it
+    # Sharded models (train.parallel=fsdp): keeps their forwards and backwards in step.
+    lockstep: Lockstep | None = None
 
     @property
     def is_main(self) -> bool:
@@ -88,8 +99,15 @@ class Distributed:
         A parameter that received no gradient on any process keeps ``grad = None`` (the
         optimizer then skips it, as it would in a single process); one that received a
         gradient elsewhere gets zeros locally before the sum.
+
+        Sharded models: FSDP summed the gradients shard by shard during each backward;
+        this waits, mirroring the others' forwards and backwards, until every process
+        has finished its own (`training.lockstep`).
         """
         if self.world_size == 1:
+            return
+        if self.lockstep is not None:
+            self.lockstep.finish()
             return
         params = [p for p in parameters if p.requires_grad]
         present = self._reduce([float(p.grad is not None) for p in params], torch_dist.ReduceOp.SUM)

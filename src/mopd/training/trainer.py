@@ -15,6 +15,12 @@ single-process run), writes metrics, rollouts, checkpoints and the report, and s
 progress. A resumed run loads the checkpoint on every process; it must use the same
 number of rollout shards, i.e. the same process count unless `train.rollout_shards` is
 set.
+
+With ``train.parallel=fsdp`` (several processes) the student and the teachers copied
+from it are sharded (`models.sharding`), so every forward is a collective: all
+processes evaluate (the same prompts and seed, rank 0's metrics are kept) and all take
+part in each checkpoint, which rank 0 writes; `training.lockstep` keeps the step's
+forwards and backwards in step.
 """
 
 from __future__ import annotations
@@ -23,18 +29,20 @@ import random
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.device_mesh import init_device_mesh
 from tqdm.auto import tqdm
 
 from mopd.config import Config, ConfigError, save_config, to_dict
 from mopd.core.peers import derive_seed
 from mopd.models.loading import apply_memory_options, load_model, load_tokenizer
 from mopd.models.lora import add_lora, base_model
+from mopd.models.sharding import is_sharded, shard_model
 from mopd.models.teachers import Teacher, build_teacher, check_same_vocabulary
 from mopd.reporting.report import eval_summary_rows, summary_table, write_report
 from mopd.reporting.sinks import MultiSink, build_sinks
@@ -50,6 +58,7 @@ from mopd.training.checkpoint import (
 )
 from mopd.training.distributed import Distributed, init_distributed
 from mopd.training.evaluate import evaluate
+from mopd.training.lockstep import Lockstep
 from mopd.training.records import (
     FULL_ROLLOUTS_FILE,
     SAMPLES_FILE,
@@ -132,6 +141,7 @@ class Trainer:
             timeout_minutes=config.train.dist_timeout_minutes,
         )
         self.device = process_device(config.model.device, self.dist)
+        self.sharded = config.train.parallel == "fsdp" and self.dist.world_size > 1
         shards = shard_count(config.train.rollout_shards, self.dist.world_size)
         local_shards(config.train.prompts_per_step, shards, self.dist.world_size, self.dist.rank)
         self.task: Task = build_task(config.task.name, config.task.options)
@@ -168,8 +178,11 @@ class Trainer:
         # the merged model for users and the adapter for resuming; see models/lora.py).
         weights = cfg.model.name if lora.r else source
         self.student = load_model(weights, dtype=cfg.model.dtype, cache_dir=cfg.model.cache_dir)
-        # Module.to directly: transformers' typed wrapper of `.to` rejects a torch.device.
-        torch.nn.Module.to(self.student, self.device)
+        if self.sharded:  # this process keeps 1/W of every weight, on its device
+            mesh = init_device_mesh(self.device.type, (self.dist.world_size,))
+            shard_model(self.student, mesh)
+        else:  # Module.to directly: transformers' typed wrapper of `.to` rejects a torch.device
+            torch.nn.Module.to(self.student, self.device)
         if lora.r:
             adapter = self.resume_from / "adapter" if self.resume_from else None
             self.student = add_lora(
@@ -231,6 +244,7 @@ class Trainer:
                 scheduler=self.scheduler,
                 teacher=self.teacher,
                 reference=self.reference,
+                student=self.student,
             )
             if self.state.rollout_shards != shards:
                 raise ConfigError(
@@ -239,6 +253,13 @@ class Trainer:
                     f"{self.state.rollout_shards} processes, or set "
                     f"train.rollout_shards={self.state.rollout_shards}"
                 )
+        if self.sharded:  # sharded forwards are collectives: keep processes in step
+            models = {"student": self.student}
+            for name, teacher in (("teacher", self.teacher), ("reference", self.reference)):
+                model = getattr(teacher, "model", None)  # an external teacher: not sharded
+                if model is not None and is_sharded(model):
+                    models[name] = model
+            self.dist = replace(self.dist, lockstep=Lockstep(models, device=self.dist.device))
         self.modules = StepModules(
             config=cfg,
             student=self.student,
@@ -254,8 +275,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def evaluate(self) -> dict[str, float]:
-        """Eval metrics of the current student: computed on rank 0, returned on every rank."""
-        return self.dist.broadcast(self._evaluate_here() if self.dist.is_main else {})
+        """Eval metrics of the current student: computed on rank 0, returned on every rank.
+
+        A sharded student needs every process in its forwards: all processes evaluate the
+        same prompts with the same seed, and rank 0's metrics are kept.
+        """
+        here = self.sharded or self.dist.is_main
+        return self.dist.broadcast(self._evaluate_here() if here else {})
 
     def _evaluate_here(self) -> dict[str, float]:
         cfg = self.config
@@ -293,6 +319,9 @@ class Trainer:
             self._full_rollouts_capped = True
 
     def _checkpoint(self) -> None:
+        """Rank 0 writes; with a sharded student every process helps gather the states."""
+        if not (self.sharded or self.dist.is_main):
+            return
         save_checkpoint(
             self.run_dir,
             state=self.state,
@@ -302,6 +331,7 @@ class Trainer:
             scheduler=self.scheduler,
             teacher=self.teacher,
             reference=self.reference,
+            write=self.dist.is_main,
         )
 
     def train(self) -> RunResult:
@@ -346,6 +376,9 @@ class Trainer:
                 self.state = TrainerState(
                     step, self.state.data_position + len(problems), self.state.rollout_shards
                 )
+                if self.dist.lockstep is not None:  # dummy passes run to keep processes in step
+                    mirrored = {"n": self.dist.lockstep.take_mirrored()}
+                    metrics["perf/lockstep_mirrored"] = self.dist.sum(mirrored)["n"]
                 if every and step % every == 0 and step != cfg.train.steps:
                     ev = self.evaluate()
                     metrics.update(ev)
@@ -369,7 +402,7 @@ class Trainer:
                     ctx=f"{metrics.get('teacher/context_fraction', float('nan')):.2f}",
                 )
                 periodic = cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0
-                if main and (periodic or step == cfg.train.steps):
+                if periodic or step == cfg.train.steps:
                     self._checkpoint()
             bar.close()
         finally:
