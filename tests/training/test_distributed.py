@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from mopd.config import ConfigError, load_config
+from mopd.training.checkpoint import load_trainer_state
 from mopd.training.shards import local_shards
 from mopd.training.trainer import Trainer
 from tasks_for_tests import tiny_run_overrides
@@ -186,6 +187,16 @@ def test_fsdp_two_processes_train_like_one_process_and_resume(tmp_path, tiny_mod
 def test_fsdp_with_lora_is_a_config_error():
     with pytest.raises(ConfigError, match=re.escape("train.parallel")):
         load_config("demo", ["train.parallel=fsdp", "model.lora.r=8"])
+
+
+@pytest.mark.unit
+def test_resuming_a_sharded_checkpoint_unsharded_is_a_config_error(tmp_path, tiny_model):
+    optimizer = torch.optim.AdamW(tiny_model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    state = {"step": 1, "data_position": 2, "optimizer": {}, "optimizer_format": "by-name"}
+    torch.save(state, tmp_path / "trainer_state.pt")
+    with pytest.raises(ConfigError, match=re.escape("train.parallel=fsdp")):
+        load_trainer_state(tmp_path, optimizer=optimizer, scheduler=scheduler, student=tiny_model)
 
 
 @pytest.mark.unit

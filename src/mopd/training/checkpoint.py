@@ -172,11 +172,16 @@ def load_trainer_state(
     data = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
     by_name = data.get("optimizer_format") == BY_NAME
     sharded = student is not None and is_sharded(student)
-    if by_name != sharded:
-        written, now = ("fsdp", "replicate") if by_name else ("replicate", "fsdp")
+    if by_name and not sharded:
         raise ConfigError(
-            f"{ckpt} was written with train.parallel={written}; resume it with "
-            f"train.parallel={written}, not {now}"
+            f"{ckpt} holds the optimizer state of a sharded student: resume it with "
+            "train.parallel=fsdp and several processes"
+        )
+    if sharded and not by_name:
+        raise ConfigError(
+            f"{ckpt} holds the optimizer state of an unsharded student (written with "
+            "train.parallel=replicate or by a single process): resume it the same way, "
+            "not with train.parallel=fsdp"
         )
     if student is not None and sharded:
         load_full_optimizer_state(student, optimizer, data["optimizer"])
