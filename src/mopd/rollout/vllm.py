@@ -164,6 +164,9 @@ class VLLMRolloutEngine:
             space = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "")
             if space == "":  # otherwise vLLM applies the variable itself
                 kwargs["kv_cache_memory_bytes"] = int(memory_fraction * _total_ram_bytes())
+            # A prompt split over several steps makes vLLM rewind the request's seeded
+            # generator, which CPU generators cannot ("CPU Generator does not use offset").
+            kwargs["enable_chunked_prefill"] = False
         else:
             kwargs["gpu_memory_utilization"] = memory_fraction
         t0 = time.perf_counter()
