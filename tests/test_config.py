@@ -23,6 +23,20 @@ def test_defaults_and_every_packaged_recipe_resolve():
         assert cfg.method == method
 
 
+def test_paper_recipe_holds_the_paper_settings():
+    cfg = load_config("paper-8b", ["task.options.data=train.jsonl"])
+    assert (cfg.train.prompts_per_step, cfg.rollout.n, cfg.rollout.max_new_tokens) == (32, 8, 4096)
+    assert (cfg.peers.n_success, cfg.peers.n_failure, cfg.loss.topk, cfg.loss.alpha) == (
+        2,
+        1,
+        100,
+        0.5,
+    )
+    assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.teacher.ema_rate) == (1e-5, 10, 0.05)
+    assert cfg.teacher.max_prompt_tokens == 10240 and cfg.loss.is_clip == 2.0
+    assert (cfg.train.parallel, cfg.rollout.engine) == ("fsdp", "vllm")
+
+
 def test_method_preset_sets_the_loss_and_context():
     cfg = load_config("demo", ["method=sdpo"])
     assert (cfg.loss.kind, cfg.peers.n_success, cfg.peers.n_failure) == ("distill", 1, 0)
