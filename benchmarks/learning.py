@@ -164,7 +164,12 @@ def _validation_curve(run_dir: Path) -> list[dict[str, float]]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     key = f"eval/mean@{EVAL_K}"
     return [
-        {"step": r["step"], f"mean@{EVAL_K}": r[key], f"pass@{EVAL_K}": r[f"eval/pass@{EVAL_K}"]}
+        {
+            "step": r["step"],
+            f"mean@{EVAL_K}": r[key],
+            f"pass@{EVAL_K}": r[f"eval/pass@{EVAL_K}"],
+            "response_tokens": r.get("eval/response_tokens_mean"),
+        }
         for r in rows
         if key in r
     ]
@@ -192,7 +197,17 @@ def _train(run: Run) -> tuple[float, list[dict[str, float]], dict[str, float]]:
     steps = [r for r in rows if "loss/total" in r]
     means = {
         k: sum(r[k] for r in steps) / len(steps)
-        for k in ("time/step", "rollout/success_rate", "teacher/context_fraction")
+        for k in (
+            "time/step",
+            "rollout/success_rate",
+            "rollout/response_tokens_mean",
+            "rollout/truncated_fraction",
+            "teacher/context_fraction",
+            "teacher/truncated_fraction",
+            "teacher/success_auc",
+            "gap/success",
+            "gap/failure",
+        )
         if steps and all(k in r for r in steps)
     }
     return time.time() - t0, _validation_curve(run.run_dir), means
@@ -220,7 +235,8 @@ def _test_eval(run: Run, model: str) -> tuple[float, dict[str, Any]]:
         *(f"{k}={v}" for k, v in options.items()),
     )
     result = json.loads(out.read_text())["results"][0]
-    return time.time() - t0, result["overall"]
+    tokens = result["metrics"]["eval/response_tokens_mean"]
+    return time.time() - t0, {**result["overall"], "response_tokens_mean": tokens}
 
 
 def execute(run: Run) -> None:
