@@ -42,14 +42,6 @@ def test_vllm_settings_are_accepted_and_range_checked():
         load_config("demo", ["rollout.vllm_max_model_len=8"])
 
 
-def test_vllm_with_several_processes_is_a_config_error(tiny_model, tokenizer):
-    cfg = load_config("demo", ["rollout.engine=vllm"])
-    with pytest.raises(ConfigError, match=r"single training process.*rollout\.engine=hf"):
-        build_engine(
-            cfg.rollout, student=tiny_model, tokenizer=tokenizer, model_path="x", world_size=2
-        )
-
-
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed")
 def test_vllm_missing_names_what_to_install(tiny_model, tokenizer):
     cfg = load_config("demo", ["rollout.engine=vllm"])

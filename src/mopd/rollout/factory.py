@@ -30,8 +30,10 @@ def build_engine(
         tokenizer: the student's tokenizer.
         model_path: the Hugging Face folder (or Hub id) the student's weights came from;
             vLLM builds its model and tokenizer from it.
-        world_size: training processes; vLLM supports only one (its engine is colocated
-            with the single process that trains).
+        world_size: training processes. With several, every process builds its own
+            colocated vLLM engine inside the job's process group (vLLM's
+            ``external_launcher`` executor, tensor parallel size 1) and samples its own
+            rollout shards; all processes must call this at the same point.
         seed: the run seed (vLLM's own default seed; every request carries its own).
     """
     from mopd.config import ConfigError
@@ -42,12 +44,6 @@ def build_engine(
         return HFRolloutEngine(student, tokenizer, batch_size=config.batch_size)
     if config.engine != "vllm":
         raise ConfigError(f"rollout.engine: got {config.engine!r}, expected 'hf' or 'vllm'")
-    if world_size > 1:
-        raise ConfigError(
-            f"rollout.engine=vllm runs one colocated vLLM engine inside a single training "
-            f"process; this run has {world_size} processes. Launch one process, or use "
-            "rollout.engine=hf with several processes"
-        )
     from mopd.rollout.vllm import DTYPE_NAMES, VLLMRolloutEngine
 
     dtype = next(p.dtype for p in student.parameters())
@@ -61,8 +57,10 @@ def build_engine(
         enforce_eager=config.vllm_enforce_eager,
         max_model_len=config.vllm_max_model_len,
         seed=seed,
+        external_launcher=world_size > 1,
     )
     # The folder holds the base weights; a resumed LoRA student (or any student changed
-    # since it was loaded) differs, so the engine starts from the student itself.
+    # since it was loaded) differs, so the engine starts from the student itself. A sharded
+    # student's weights are gathered for it, collectively, on every process.
     engine.update_weights(student)
     return engine

@@ -30,6 +30,18 @@ so it also works on the CPU backend, whose linear layers are repacked after load
 model's own ``load_weights`` alone fails there). The seconds of the last push are kept in
 `last_push_seconds` and logged; the training step times the call as ``time/weight_push``.
 
+Several training processes (torchrun, `external_launcher=True`). Every process builds
+its own engine with ``distributed_executor_backend="external_launcher"`` and tensor
+parallel size 1. vLLM then takes ``RANK``/``LOCAL_RANK`` from the environment, finds the
+default process group already initialised and reuses it (no second rendezvous); its
+world group spans all W processes, but its tensor-, pipeline- and context-parallel groups
+hold one rank each, so a `generate` runs no collective: each process samples its own
+rollout shards, with the shards' seeds, independently of the others. Building the engines
+does run collectives (vLLM creates its groups with ``new_group``), so every process builds
+one at the same point. Weights: a replicated student is pushed as in one process; a
+sharded one (``train.parallel=fsdp``, DTensor parameters) is gathered one tensor at a
+time (``DTensor.full_tensor()``) while the push iterates, on every process together.
+
 What building it does to the process. vLLM's worker seeds the global RNGs, and on CPU it
 changes torch's thread count and replaces ``torch.set_num_threads`` with a no-op. The
 constructor restores all of these afterwards, and `generate` forks the RNGs, so the
@@ -128,6 +140,10 @@ class VLLMRolloutEngine:
         eos_token_ids: ids that end a response; default the tokenizer's EOS.
         seed: the engine's own seed (used only by requests without a seed; every request
             sent here has one).
+        external_launcher: one engine per process of a `torch.distributed` job (torchrun):
+            vLLM joins the job's default process group instead of opening its own (see
+            "Several training processes" above); every process must build its engine at
+            the same point, as the constructor runs collectives.
     """
 
     def __init__(
@@ -141,6 +157,7 @@ class VLLMRolloutEngine:
         max_model_len: int | None = None,
         eos_token_ids: Sequence[int] | None = None,
         seed: int = 0,
+        external_launcher: bool = False,
     ) -> None:
         if not 0 < memory_fraction < 1:
             raise ValueError(f"memory_fraction must be in (0, 1), got {memory_fraction!r}")
@@ -169,8 +186,11 @@ class VLLMRolloutEngine:
             kwargs["enable_chunked_prefill"] = False
         else:
             kwargs["gpu_memory_utilization"] = memory_fraction
+        launcher = contextlib.ExitStack()
+        if external_launcher:
+            kwargs.update(_external_launcher_kwargs(launcher))
         t0 = time.perf_counter()
-        with _env("VLLM_ENABLE_V1_MULTIPROCESSING", "0"), _process_state_kept():
+        with launcher, _env("VLLM_ENABLE_V1_MULTIPROCESSING", "0"), _process_state_kept():
             self.llm = vllm.LLM(
                 model=str(model_path),
                 tokenizer=str(model_path),
@@ -196,13 +216,16 @@ class VLLMRolloutEngine:
     def update_weights(self, model: Any) -> None:
         """Copy `model`'s current effective weights (merged LoRA) into the engine."""
         from mopd.models.lora import effective_parameters
+        from mopd.models.sharding import is_sharded, reshard
 
         t0 = time.perf_counter()
+        if is_sharded(model):
+            reshard(model)  # read the shards, not parameters a forward left gathered
         with torch.no_grad():
             self.llm.collective_rpc(
                 "reload_weights",
                 kwargs={
-                    "weights_iterator": effective_parameters(model),
+                    "weights_iterator": _full_tensors(effective_parameters(model)),
                     "is_checkpoint_format": True,
                 },
             )
@@ -271,6 +294,40 @@ class VLLMRolloutEngine:
             # that has one, so this equals "no EOS" as in the hf engine.
             truncated=completion.finish_reason == "length" and eos_at is None,
         )
+
+
+def _external_launcher_kwargs(stack: contextlib.ExitStack) -> dict[str, Any]:
+    """`vllm.LLM` arguments that make it one data-parallel member of the current job.
+
+    vLLM's ``external_launcher`` executor reads ``RANK`` and ``LOCAL_RANK`` (set here from
+    the default process group when the launcher did not set them, e.g. a group opened by
+    the caller) and, the group being initialised already, reuses it rather than opening
+    one. With tensor parallel size 1 its model-parallel groups hold one rank each, so a
+    `generate` runs no collective and the processes sample independently.
+    """
+    import torch.distributed as torch_dist
+
+    if not (torch_dist.is_available() and torch_dist.is_initialized()):
+        raise RuntimeError(
+            "VLLMRolloutEngine(external_launcher=True) needs an initialised default process "
+            "group (torch.distributed.init_process_group, as torchrun-launched training does)"
+        )
+    rank = str(torch_dist.get_rank())
+    for name, value in (("RANK", rank), ("LOCAL_RANK", os.environ.get("LOCAL_RANK", rank))):
+        stack.enter_context(_env(name, os.environ.get(name, value)))
+    return {"distributed_executor_backend": "external_launcher", "tensor_parallel_size": 1}
+
+
+def _full_tensors(
+    weights: Iterator[tuple[str, torch.Tensor]],
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each weight in full: a sharded (DTensor) one is all-gathered when the iterator
+    reaches it, so only one full tensor at a time exists beyond the shards. Collective
+    for sharded models: every process must drain the iterator in the same order."""
+    from torch.distributed.tensor import DTensor
+
+    for name, weight in weights:
+        yield name, weight.full_tensor() if isinstance(weight, DTensor) else weight
 
 
 def _refresh_tied_output_layers(model: torch.nn.Module) -> None:
