@@ -26,7 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from mopd.types import Rollout
 
-__all__ = ["RolloutEngine", "SamplingParams"]
+__all__ = ["RolloutEngine", "SamplingParams", "check_generate_args"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,15 @@ class SamplingParams:
             raise ValueError(
                 f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens!r}"
             )
+
+
+def check_generate_args(prompts: Sequence[Sequence[int]], n: int) -> None:
+    """The argument checks every engine's `generate` starts with."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n (responses per prompt) must be an int >= 1, got {n!r}")
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
 
 
 @runtime_checkable

@@ -47,7 +47,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from mopd.rollout.base import SamplingParams
+from mopd.rollout.base import SamplingParams, check_generate_args
 from mopd.types import Rollout
 
 __all__ = ["HFRolloutEngine"]
@@ -173,11 +173,7 @@ class HFRolloutEngine:
         seed: int,
     ) -> list[list[Rollout]]:
         """Sample `n` responses per prompt; see `RolloutEngine.generate`."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n (responses per prompt) must be an int >= 1, got {n!r}")
-        for i, prompt in enumerate(prompts):
-            if len(prompt) == 0:
-                raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
+        check_generate_args(prompts, n)
         rows = [list(prompt) for prompt in prompts for _ in range(n)]  # prompt-major
         device = self.model.device
         flat: list[Rollout] = []

@@ -70,7 +70,7 @@ import numpy as np
 import torch
 
 from mopd.core.peers import derive_seed
-from mopd.rollout.base import SamplingParams
+from mopd.rollout.base import SamplingParams, check_generate_args
 from mopd.types import Rollout
 
 __all__ = ["VLLMRolloutEngine", "import_vllm"]
@@ -244,11 +244,8 @@ class VLLMRolloutEngine:
         seed: int,
     ) -> list[list[Rollout]]:
         """Sample `n` responses per prompt; see `RolloutEngine.generate`."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n (responses per prompt) must be an int >= 1, got {n!r}")
+        check_generate_args(prompts, n)
         for i, prompt in enumerate(prompts):
-            if len(prompt) == 0:
-                raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
             if len(prompt) >= self.max_model_len:
                 raise ValueError(
                     f"prompt {i} has {len(prompt)} tokens, vLLM's max_model_len is "
