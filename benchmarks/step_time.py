@@ -15,6 +15,8 @@ prompts (`sysbench.Setting`). Rounds alternate the variants (grpo, mopd, trl-sdp
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 import tempfile
 import time
@@ -70,13 +72,14 @@ def worker(method: str, s: Setting, extra: list[str]) -> dict[str, Any]:
         problems = training_problems(
             trainer.train_problems, seed=s.seed, start=i * s.prompts, count=s.prompts
         )
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         _, metrics = train_step(trainer.modules, problems, seed=derive_seed(s.seed, "step", i))
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         rows = s.prompts * s.n
         steps.append(
             {
                 "wall_s": wall,
+                "cpu_s": cpu,  # CPU time of this process: what other processes' load changes least
                 **{k: v for k, v in metrics.items() if k.startswith("time/")},
                 "tokens": metrics["rollout/response_tokens_mean"] * rows,
                 "success_rate": metrics["rollout/success_rate"],
@@ -106,6 +109,10 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, floa
             "n_steps": len(steps),
         }
         row["tokens_per_s"] = row["tokens"] / row["step_s"]
+        cpu = [st["cpu_s"] for st in steps if "cpu_s" in st]
+        if cpu:
+            row["cpu_s"] = mean(cpu)
+            row["n_cpu_steps"] = len(cpu)
         for k in (*PHASES, "loss_forward", "rest"):
             vals = [st[f"time/{k}"] for st in steps if f"time/{k}" in st]
             if vals:
@@ -117,7 +124,8 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, floa
 
 
 def table(summary: dict[str, dict[str, float]]) -> str:
-    cols = ["step_s", *PHASES, "loss_forward", "rest", "tokens_per_s", "peak_rss_mb"]
+    cols = ["step_s", "step_s_min", "cpu_s", *PHASES, "loss_forward", "rest", "tokens_per_s"]
+    cols += ["peak_rss_mb"]
     cols += ["context_fraction", "teacher_prompt_tokens", "success_rate", "n_steps"]
     rows = [[v, *[r.get(c, "") for c in cols]] for v, r in summary.items()]
     text = sysbench.md_table(["variant", *cols], rows)
@@ -130,12 +138,15 @@ def table(summary: dict[str, dict[str, float]]) -> str:
                 [
                     f"{a} / {b}",
                     ra["step_s"] / rb["step_s"],
+                    ra["step_s_min"] / rb["step_s_min"],
+                    ra.get("cpu_s", math.nan) / rb.get("cpu_s", math.nan),
                     ra["peak_rss_mb"] / rb["peak_rss_mb"],
                     ra["tokens_per_s"] / rb["tokens_per_s"],
                 ]
             )
     if ratios:
-        text += "\n\n" + sysbench.md_table(["ratio", "step time", "peak RSS", "tokens/s"], ratios)
+        headers = ["ratio", "step time (mean)", "step time (min)", "CPU time", "peak RSS"]
+        text += "\n\n" + sysbench.md_table([*headers, "tokens/s"], ratios)
     return text
 
 
@@ -151,12 +162,18 @@ def main() -> None:
     parser.add_argument("--override", action="append", default=[], help="key=value for ours")
     parser.add_argument("--baseline-rev", default="HEAD", help="source of mopd-base")
     parser.add_argument("--name", default="step_time")
+    parser.add_argument("--resummarize", type=Path, help="recompute the tables of a saved JSON")
     parser.add_argument("--out", type=Path, default=None)
     Setting().add_arguments(parser)
     args = parser.parse_args()
     s = Setting.from_args(args)
     if args.cmd == "worker":
         emit(worker(args.method, s, args.override))
+        return
+    if args.resummarize:
+        data = json.loads(args.resummarize.read_text())
+        data["summary"] = summarize(data["runs"])
+        sysbench.save(args.resummarize.stem, data, table(data["summary"]), args.out)
         return
 
     t_start = time.perf_counter()

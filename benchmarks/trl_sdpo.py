@@ -97,15 +97,18 @@ def main() -> None:
 
     phases: dict[str, float] = defaultdict(float)
     ends: list[float] = []
+    cpu_ends: list[float] = []
     records: list[dict[str, float]] = []
     per_step: list[dict[str, float]] = []
 
     class Clock(TrainerCallback):  # type: ignore[misc]
         def on_train_begin(self, *a: Any, **k: Any) -> None:
             ends.append(time.perf_counter())
+            cpu_ends.append(time.process_time())
 
         def on_step_end(self, *a: Any, **k: Any) -> None:
             ends.append(time.perf_counter())
+            cpu_ends.append(time.process_time())
             per_step.append(dict(phases))
             phases.clear()
 
@@ -146,7 +149,8 @@ def main() -> None:
     for i in range(total):
         wall = ends[i + 1] - ends[i]
         ph = per_step[i]
-        step = {"wall_s": wall, **{f"time/{k}": v for k, v in ph.items()}}
+        step = {"wall_s": wall, "cpu_s": cpu_ends[i + 1] - cpu_ends[i]}
+        step.update({f"time/{k}": v for k, v in ph.items()})
         step["time/rest"] = wall - sum(ph.values())
         if i < len(train_logs):
             step["tokens"] = train_logs[i]["completions/mean_length"] * rows
