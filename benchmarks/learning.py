@@ -175,6 +175,19 @@ def _validation_curve(run_dir: Path) -> list[dict[str, float]]:
     ]
 
 
+TRAIN_METRICS = (
+    "time/step",
+    "rollout/success_rate",
+    "rollout/response_tokens_mean",
+    "rollout/truncated_fraction",
+    "teacher/context_fraction",
+    "teacher/truncated_fraction",
+    "teacher/success_auc",
+    "gap/success",
+    "gap/failure",
+)
+
+
 def _train(run: Run) -> tuple[float, list[dict[str, float]], dict[str, float]]:
     """Train (or continue) the run; returns wall seconds, validation curve, train means."""
     t0 = time.time()
@@ -195,21 +208,11 @@ def _train(run: Run) -> tuple[float, list[dict[str, float]], dict[str, float]]:
         )
     rows = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss/total" in r]
-    means = {
-        k: sum(r[k] for r in steps) / len(steps)
-        for k in (
-            "time/step",
-            "rollout/success_rate",
-            "rollout/response_tokens_mean",
-            "rollout/truncated_fraction",
-            "teacher/context_fraction",
-            "teacher/truncated_fraction",
-            "teacher/success_auc",
-            "gap/success",
-            "gap/failure",
-        )
-        if steps and all(k in r for r in steps)
-    }
+    means = {}
+    for key in TRAIN_METRICS:  # mean over the steps that logged a value (AUC needs mixed groups)
+        values = [r[key] for r in steps if r.get(key) is not None]
+        if values:
+            means[key] = sum(values) / len(values)
     return time.time() - t0, _validation_curve(run.run_dir), means
 
 
