@@ -40,6 +40,7 @@ def our_overrides(method: str, s: Setting) -> list[str]:
         f"method={method}",
         f"model.name={s.model}",
         f"model.device={s.device}",
+        f"model.gradient_checkpointing={bool(s.grad_ckpt)}",
         "task.name=arithmetic",
         f"task.options={{digits: {s.digits}, terms: {s.terms}, n_train: 60, n_eval: 8}}",
         f"rollout.n={s.n}",

@@ -40,6 +40,7 @@ class Setting:
     lr: float = 1e-5
     threads: int = 1
     device: str = "auto"  # auto: cuda when available
+    grad_ckpt: int = 0  # 1: gradient checkpointing (TRL's SDPOConfig defaults to on)
     seed: int = 0
     warmup: int = 1  # steps run first and not timed
     steps: int = 3  # timed steps

@@ -6,7 +6,7 @@ G, new-token limit, sampling temperature 1 with no top-p/top-k filtering, loss o
 student's top-100 ids + tail, alpha 0.5 (generalised JSD), EMA teacher at rate 0.05
 updated every step, no importance weights, one optimizer step per generation batch
 (P*G rows in one forward/backward), AdamW lr/wd/grad-clip as ours, fp32, same torch
-thread count. Not matchable: see docs/benchmarks.md ("Systems benchmark").
+thread count, gradient checkpointing as `--grad-ckpt` for both (TRL defaults to on). Not matchable: see docs/benchmarks.md ("Systems benchmark").
 
 Times: per-step wall time between consecutive `on_step_end` callbacks (the whole step:
 generation, rewards, teacher and student forwards, backward, optimizer, EMA update), and
@@ -60,6 +60,7 @@ def main() -> None:
     args = SDPOConfig(
         output_dir=tempfile.mkdtemp(prefix="trl-sdpo-"),
         use_cpu=s.device == "cpu" or not torch.cuda.is_available(),
+        gradient_checkpointing=bool(s.grad_ckpt),  # TRL's default is True; ours False
         bf16=False,
         fp16=False,
         seed=s.seed,
