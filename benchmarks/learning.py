@@ -289,8 +289,17 @@ def _fmt(mean: float, half: float) -> str:
     return f"{mean:.3f}" if math.isnan(half) else f"{mean:.3f} ± {half:.3f}"
 
 
-def _test_metric(records: list[dict[str, Any]], name: str) -> tuple[float, float]:
-    return mean_ci([r["test"]["metrics"][name]["mean"] for r in records])
+def _test_metric(records: list[dict[str, Any]], name: str) -> str:
+    """Mean ± t-interval over seeds; with one seed, its prompt-level bootstrap interval."""
+    if len(records) == 1:
+        stat = records[0]["test"]["metrics"][name]
+        return f"{stat['mean']:.3f} [{stat['low']:.3f}, {stat['high']:.3f}]"
+    return _fmt(*mean_ci([r["test"]["metrics"][name]["mean"] for r in records]))
+
+
+def _mean_of(values: list[float | None]) -> str:
+    present = [v for v in values if v is not None]
+    return f"{sum(present) / len(present):.3f}" if present else "n/a"
 
 
 def summarize(setting: str) -> dict[str, Any]:
@@ -318,6 +327,11 @@ def summarize(setting: str) -> dict[str, Any]:
                 "test_pass1": _test_metric(recs, "pass@1"),
                 "test_passk": _test_metric(recs, f"pass@{EVAL_K}"),
                 "train_wall_s": sum(r["train_wall_s"] for r in recs) / len(recs),
+                "test_tokens": _mean_of([r["test"].get("response_tokens_mean") for r in recs]),
+                **{
+                    key: _mean_of([r.get("train_means", {}).get(key) for r in recs])
+                    for key in TRAIN_METRICS
+                },
                 "curves": [r["validation"] for r in recs],
                 "train_means": [r.get("train_means", {}) for r in recs],
             }
@@ -334,7 +348,8 @@ def _markdown(summary: dict[str, Any]) -> str:
             lines.append(f"| {s['method']} | {s['lr']:g} | {s['validation'][-1]['mean@4']:.3f} |")
         lines.append("")
     lines += [
-        "Test split (mean over seeds ± 95% t-interval half-width over seeds):",
+        "Test split: mean over seeds ± half-width of the 95% t-interval over seeds; with a "
+        "single seed, [95% bootstrap interval over the test prompts].",
         "",
         "| method | lr | seeds | test mean@4 | test pass@1 | test pass@4 | train wall s/run |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -342,9 +357,32 @@ def _markdown(summary: dict[str, Any]) -> str:
     for r in summary["methods"]:
         lr = "—" if r["method"] == "base" else f"{r['lr']:g}"
         lines.append(
-            f"| {r['method']} | {lr} | {len(r['seeds'])} | {_fmt(*r['test_mean'])} | "
-            f"{_fmt(*r['test_pass1'])} | {_fmt(*r['test_passk'])} | {r['train_wall_s']:.0f} |"
+            f"| {r['method']} | {lr} | {len(r['seeds'])} | {r['test_mean']} | "
+            f"{r['test_pass1']} | {r['test_passk']} | {r['train_wall_s']:.0f} |"
         )
+    lines += [
+        "",
+        "What happened in training (means over the steps and seeds of the runs above; "
+        "n/a: not recorded for those runs):",
+        "",
+        "| method | rollout success | response tokens | truncated | test response tokens "
+        "| context fraction | teacher AUC | gap success | gap failure |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in summary["methods"]:
+        if r["method"] == "base":
+            continue
+        cells = [
+            r["rollout/success_rate"],
+            r["rollout/response_tokens_mean"],
+            r["rollout/truncated_fraction"],
+            r["test_tokens"],
+            r["teacher/context_fraction"],
+            r["teacher/success_auc"],
+            r["gap/success"],
+            r["gap/failure"],
+        ]
+        lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
