@@ -430,6 +430,12 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--setting", choices=sorted(SETTINGS), default="add1")
         if name == "run":
             p.add_argument("--max-runs", type=int, default=None, help="stop after this many")
+            p.add_argument(
+                "--seeds",
+                type=lambda text: {int(x) for x in text.split(",")},
+                default=None,
+                help="only runs of these seeds, e.g. 2 (two drivers can share a machine)",
+            )
     sub.add_parser("report")
     args = parser.parse_args(argv)
     if args.command == "report":
@@ -438,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     done = 0
     while True:
         todo = [r for r in plan(args.setting) if not r.record.exists()]
+        if getattr(args, "seeds", None) is not None:
+            todo = [r for r in todo if r.seed in args.seeds]
         if args.command == "status":
             print(f"{len(todo)} runs to do (more are planned once the lr search ends):")
             print("\n".join(f"  {r.name}" for r in todo))
