@@ -422,20 +422,35 @@ def report() -> None:
     print("\n".join(parts))
 
 
+def _method_set(text: str) -> set[str]:
+    names = set(text.split(","))
+    unknown = names - {"base", *METHODS}
+    if unknown:
+        known = ", ".join(["base", *METHODS])
+        raise argparse.ArgumentTypeError(f"unknown method(s) {sorted(unknown)}; known: {known}")
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("run", "status"):
         p = sub.add_parser(name)
         p.add_argument("--setting", choices=sorted(SETTINGS), default="add1")
+        p.add_argument(
+            "--seeds",
+            type=lambda text: {int(x) for x in text.split(",")},
+            default=None,
+            help="only runs of these seeds, e.g. 2 (two drivers can share a machine)",
+        )
+        p.add_argument(
+            "--methods",
+            type=_method_set,
+            default=None,
+            help="only runs of these methods, e.g. grpo (splits the lr search over drivers)",
+        )
         if name == "run":
             p.add_argument("--max-runs", type=int, default=None, help="stop after this many")
-            p.add_argument(
-                "--seeds",
-                type=lambda text: {int(x) for x in text.split(",")},
-                default=None,
-                help="only runs of these seeds, e.g. 2 (two drivers can share a machine)",
-            )
     sub.add_parser("report")
     args = parser.parse_args(argv)
     if args.command == "report":
@@ -444,8 +459,10 @@ def main(argv: list[str] | None = None) -> int:
     done = 0
     while True:
         todo = [r for r in plan(args.setting) if not r.record.exists()]
-        if getattr(args, "seeds", None) is not None:
+        if args.seeds is not None:
             todo = [r for r in todo if r.seed in args.seeds]
+        if args.methods is not None:
+            todo = [r for r in todo if r.method in args.methods]
         if args.command == "status":
             print(f"{len(todo)} runs to do (more are planned once the lr search ends):")
             print("\n".join(f"  {r.name}" for r in todo))

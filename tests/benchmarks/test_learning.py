@@ -65,6 +65,26 @@ def test_main_runs_are_planned_only_after_the_search_and_use_the_best_rate(learn
     assert len(after) == len(set(after))  # the seed-0 search run is not planned twice
 
 
+def test_status_filters_by_method_and_seed_and_rejects_unknown_names(learning, capsys):
+    assert learning.main(["status", "--setting", "add1", "--methods", "grpo,base"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert [n for n in listed if n.startswith(("grpo", "mopd", "base"))] == [
+        "grpo-lr5e-06-s0",
+        "grpo-lr2e-05-s0",
+        "grpo-lr8e-05-s0",
+        "base-lr0-s0",
+        "base-lr0-s1",
+        "base-lr0-s2",
+    ]
+    assert learning.main(["status", "--methods", "base", "--seeds", "1"]) == 0
+    assert capsys.readouterr().out.split()[-1:] == ["base-lr0-s1"]
+    assert learning.main(["status", "--methods", "base", "--seeds", "1"]) == 0
+    assert "base-lr0-s0" not in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        learning.main(["run", "--setting", "add1", "--methods", "grpo,nope"])
+    assert "unknown method(s) ['nope']" in capsys.readouterr().err
+
+
 def test_mean_ci_is_a_t_interval_over_seeds(learning):
     mean, half = learning.mean_ci([0.5, 0.6, 0.7])
     assert mean == pytest.approx(0.6)
