@@ -398,10 +398,17 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
             continue
         steps = [p["step"] for p in r["curves"][0]]
         n = min(len(c) for c in r["curves"])
-        means = [sum(c[i]["mean@4"] for c in r["curves"]) / len(r["curves"]) for i in range(n)]
-        ax.plot(steps[:n], means, marker="o", label=f"{r['method']} ({len(r['curves'])} seeds)")
+        stats = [mean_ci([c[i][f"mean@{EVAL_K}"] for c in r["curves"]]) for i in range(n)]
+        means = [m for m, _ in stats]
+        (line,) = ax.plot(
+            steps[:n], means, marker="o", label=f"{r['method']} ({len(r['curves'])} seeds)"
+        )
+        if len(r["curves"]) > 1:  # 95% t-interval over seeds
+            low = [m - h for m, h in stats]
+            high = [m + h for m, h in stats]
+            ax.fill_between(steps[:n], low, high, color=line.get_color(), alpha=0.12)
     ax.set_xlabel("training step")
-    ax.set_ylabel("validation mean@4")
+    ax.set_ylabel(f"validation mean@{EVAL_K} (band: 95% CI over seeds)")
     ax.set_title(f"Validation curves, setting {summary['setting']}")
     ax.legend(fontsize=8)
     fig.tight_layout()
