@@ -98,3 +98,23 @@ def test_memory_plan_counts_qwen3_8b_parameters():
     assert memory.MODELS["qwen3-4b"].params() == pytest.approx(4.02e9, rel=0.01)
     rows = memory.plan(memory.MODELS["qwen3-8b"], gpus=8)
     assert rows["replicated (no FSDP): states / GPU"] > 80 > rows["total / GPU"]
+
+
+def test_signal_split_separates_lone_successes_and_skips_one_class_groups():
+    signal = _load("signal_split")
+    rows = [
+        # p1: one success, ranked above both failures -> AUC 1
+        {"condition": "1S", "problem": "p1", "reward": 1.0, "score": -0.1},
+        {"condition": "1S", "problem": "p1", "reward": 0.0, "score": -0.5},
+        {"condition": "1S", "problem": "p1", "reward": 0.0, "score": -0.2},
+        # p2: two successes; one above the failure, one tied -> (1 + 0.5) / 2
+        {"condition": "1S", "problem": "p2", "reward": 1.0, "score": -0.1},
+        {"condition": "1S", "problem": "p2", "reward": 1.0, "score": -0.3},
+        {"condition": "1S", "problem": "p2", "reward": 0.0, "score": -0.3},
+        # p3: all failures -> undefined, left out
+        {"condition": "1S", "problem": "p3", "reward": 0.0, "score": -0.3},
+    ]
+    table = signal.split(rows)
+    assert table["1S"]["one success"] == (1, 1.0)
+    assert table["1S"]["two or more"] == (1, 0.75)
+    assert signal.group_auc(rows[-1:]) is None
