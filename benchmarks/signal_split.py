@@ -18,15 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-
-def group_auc(rows: list[dict[str, Any]]) -> float | None:
-    """Mann-Whitney AUC of score vs success in one group (ties 1/2); None if one-class."""
-    wins = [r["score"] for r in rows if r["reward"] > 0]
-    losses = [r["score"] for r in rows if r["reward"] <= 0]
-    if not wins or not losses:
-        return None
-    pairs = sum((a > b) + 0.5 * (a == b) for a in wins for b in losses)
-    return pairs / (len(wins) * len(losses))
+from mopd.evaluation.metrics import success_auc
 
 
 def split(rows: list[dict[str, Any]]) -> dict[str, dict[str, tuple[int, float | None]]]:
@@ -38,10 +30,10 @@ def split(rows: list[dict[str, Any]]) -> dict[str, dict[str, tuple[int, float | 
     for condition, problems in groups.items():
         parts: dict[str, list[float]] = {"one success": [], "two or more": []}
         for group in problems.values():
-            auc = group_auc(group)
+            auc = success_auc([r["score"] for r in group], [r["reward"] for r in group])
             if auc is None:
                 continue
-            wins = sum(r["reward"] > 0 for r in group)
+            wins = sum(r["reward"] >= 0.5 for r in group)  # success_auc's threshold
             parts["one success" if wins == 1 else "two or more"].append(auc)
         out[condition] = {
             name: (len(v), sum(v) / len(v) if v else None) for name, v in parts.items()
