@@ -2,33 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 pytestmark = pytest.mark.unit
 
 
-def _load(name: str):
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCH))
-
-
 @pytest.fixture
-def learning(tmp_path, monkeypatch):
-    module = _load("learning")
+def learning(tmp_path, monkeypatch, load_bench):
+    module = load_bench("learning")
     monkeypatch.setattr(module, "RESULTS", tmp_path / "results")
     return module
 
@@ -39,8 +23,8 @@ def _write(module, method: str, lr: float, seed: int, final: float) -> None:
     run.record.write_text(json.dumps({"validation": [{"step": 8, "mean@4": final}]}))
 
 
-def test_validation_and_test_splits_are_disjoint_from_each_other_and_training():
-    tasks = _load("bench_tasks")
+def test_validation_and_test_splits_are_disjoint_from_each_other_and_training(load_bench):
+    tasks = load_bench("bench_tasks")
     val = tasks.make_arithmetic("validation", n_validation=5, n_test=7, n_train=20)
     test = tasks.make_arithmetic("test", n_validation=5, n_test=7, n_train=20)
     ids = lambda problems: {p.id for p in problems}  # noqa: E731
@@ -90,31 +74,3 @@ def test_mean_ci_is_a_t_interval_over_seeds(learning):
     assert mean == pytest.approx(0.6)
     assert half == pytest.approx(4.303 * 0.1 / math.sqrt(3))
     assert math.isnan(learning.mean_ci([0.4])[1])
-
-
-def test_memory_plan_counts_qwen3_8b_parameters():
-    memory = _load("memory_plan")
-    assert memory.MODELS["qwen3-8b"].params() == pytest.approx(8.19e9, rel=0.01)
-    assert memory.MODELS["qwen3-4b"].params() == pytest.approx(4.02e9, rel=0.01)
-    rows = memory.plan(memory.MODELS["qwen3-8b"], gpus=8)
-    assert rows["replicated (no FSDP): states / GPU"] > 80 > rows["total / GPU"]
-
-
-def test_signal_split_separates_lone_successes_and_skips_one_class_groups():
-    signal = _load("signal_split")
-    rows = [
-        # p1: one success, ranked above both failures -> AUC 1
-        {"condition": "1S", "problem": "p1", "reward": 1.0, "score": -0.1},
-        {"condition": "1S", "problem": "p1", "reward": 0.0, "score": -0.5},
-        {"condition": "1S", "problem": "p1", "reward": 0.0, "score": -0.2},
-        # p2: two successes; one above the failure, one tied -> (1 + 0.5) / 2
-        {"condition": "1S", "problem": "p2", "reward": 1.0, "score": -0.1},
-        {"condition": "1S", "problem": "p2", "reward": 1.0, "score": -0.3},
-        {"condition": "1S", "problem": "p2", "reward": 0.0, "score": -0.3},
-        # p3: all failures -> undefined, left out
-        {"condition": "1S", "problem": "p3", "reward": 0.0, "score": -0.3},
-    ]
-    table = signal.split(rows)
-    assert table["1S"]["one success"] == (1, 1.0)
-    assert table["1S"]["two or more"] == (1, 0.75)
-    assert set(table["1S"]) == {"one success", "two or more"}
