@@ -1,4 +1,5 @@
-"""Learning benchmark: base, GRPO, SDPO, MOPD-2S, MOPD-2S1F and a random-peer control.
+"""Learning benchmark: base, GRPO, SDPO, MOPD-2S, MOPD-2S1F, a random-peer control and
+a GRPO + MOPD-2S1F mix.
 
 Every method trains the packaged SmolLM2-135M-Instruct with the same prompts, group size,
 steps, token limit and optimizer settings; only the loss (and its teacher context)
@@ -67,6 +68,8 @@ METHODS: dict[str, list[str]] = {
     "mopd-2s": ["method=mopd-2s"],
     "mopd-2s1f": ["method=mopd"],
     "random_peer": ["method=mopd", "peers.control=random_peer"],
+    # Half GRPO, half MOPD-2S1F distillation: does the reward term stop the length drift?
+    "mopd+grpo": ["method=mopd", "loss.kind=grpo", "loss.grpo_mix=0.5"],
 }
 SEARCHED = ("grpo", "mopd-2s1f")  # each gets the learning-rate grid
 LR_GRID = (5e-6, 2e-5, 8e-5)
