@@ -78,9 +78,9 @@ def forward_flops(shape: dict[str, int], context: int, response: int) -> float:
 
 
 def worker(method: str, s: Setting) -> dict[str, Any]:
+    from mopd.collect.contexts import chat_prompt_ids
     from mopd.config import load_config
-    from mopd.core.peers import derive_seed
-    from mopd.training.contexts import chat_prompt_ids
+    from mopd.core.seeding import derive_seed
     from mopd.training.step import train_step
     from mopd.training.trainer import Trainer, training_problems
 
@@ -92,10 +92,10 @@ def worker(method: str, s: Setting) -> dict[str, Any]:
         problems = training_problems(
             trainer.train_problems, seed=s.seed, start=i * s.prompts, count=s.prompts
         )
-        out, metrics = train_step(trainer.modules, problems, seed=derive_seed(s.seed, "step", i))
+        out, metrics = train_step(trainer.parts, problems, seed=derive_seed(s.seed, "step", i))
         flops = {"generate": 0.0, "teacher": 0.0, "student": 0.0}
         for gi, (problem, group) in enumerate(zip(out.problems, out.groups, strict=True)):
-            prompt = len(chat_prompt_ids(trainer.tokenizer, problem.messages))
+            prompt = len(chat_prompt_ids(trainer.parts.tokenizer, problem.messages))
             rewards = [v.reward for v in out.verdicts[gi]]
             for ri, rollout in enumerate(group):
                 r = len(rollout.response_ids)

@@ -69,7 +69,7 @@ METHODS: dict[str, list[str]] = {
     "mopd-2s1f": ["method=mopd"],
     "random_peer": ["method=mopd", "peers.control=random_peer"],
     # Half GRPO, half MOPD-2S1F distillation: does the reward term stop the length drift?
-    "mopd+grpo": ["method=mopd", "loss.kind=grpo", "loss.grpo_mix=0.5"],
+    "mopd+grpo": ["method=mopd", "loss.kind=grpo+distill", "loss.grpo_mix=0.5"],
 }
 SEARCHED = ("grpo", "mopd-2s1f")  # each gets the learning-rate grid
 LR_GRID = (5e-6, 2e-5, 8e-5)

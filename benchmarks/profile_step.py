@@ -28,7 +28,7 @@ def main() -> None:
     s = Setting.from_args(args)
 
     from mopd.config import load_config
-    from mopd.core.peers import derive_seed
+    from mopd.core.seeding import derive_seed
     from mopd.training.step import train_step
     from mopd.training.trainer import Trainer, training_problems
 
@@ -39,7 +39,7 @@ def main() -> None:
         problems = training_problems(
             trainer.train_problems, seed=s.seed, start=i * s.prompts, count=s.prompts
         )
-        _, metrics = train_step(trainer.modules, problems, seed=derive_seed(s.seed, "step", i))
+        _, metrics = train_step(trainer.parts, problems, seed=derive_seed(s.seed, "step", i))
         return {k: round(v, 3) for k, v in metrics.items() if k.startswith("time/")}
 
     print("warm-up", step(0))

@@ -34,12 +34,12 @@ def main() -> None:
 
     import torch
 
+    from mopd.collect.contexts import chat_prompt_ids
     from mopd.models.loading import load_model, load_tokenizer, resolve_model_path
     from mopd.rollout.base import SamplingParams
     from mopd.rollout.hf import HFRolloutEngine
     from mopd.rollout.vllm import VLLMRolloutEngine
     from mopd.tasks.registry import build_task
-    from mopd.training.contexts import chat_prompt_ids
 
     torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(args.model)

@@ -60,7 +60,7 @@ def our_overrides(method: str, s: Setting) -> list[str]:
 def worker(method: str, s: Setting, extra: list[str]) -> dict[str, Any]:
     """Our trainer's `train_step`, timed from outside and by its own `time/*` metrics."""
     from mopd.config import load_config
-    from mopd.core.peers import derive_seed
+    from mopd.core.seeding import derive_seed
     from mopd.training.step import train_step
     from mopd.training.trainer import Trainer, training_problems
 
@@ -74,7 +74,7 @@ def worker(method: str, s: Setting, extra: list[str]) -> dict[str, Any]:
             trainer.train_problems, seed=s.seed, start=i * s.prompts, count=s.prompts
         )
         t0, c0 = time.perf_counter(), time.process_time()
-        _, metrics = train_step(trainer.modules, problems, seed=derive_seed(s.seed, "step", i))
+        _, metrics = train_step(trainer.parts, problems, seed=derive_seed(s.seed, "step", i))
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         rows = s.prompts * s.n
         steps.append(

@@ -109,3 +109,24 @@ def test_valid_keys_cover_nested_sections():
     keys = valid_keys()
     assert "peers.control" in keys and "teacher.templates.failure_header" in keys
     assert "model" not in keys
+
+
+@pytest.mark.parametrize("method", ["grpo", "mopd", "mopd-2s", "sdpo", "dpo", "simpo"])
+def test_group_methods_with_one_rollout_per_prompt_fail_naming_rollout_n(method):
+    with pytest.raises(ConfigError, match=r"^rollout\.n: .*needs rollout\.n >= 2, got 1"):
+        load_config(None, [f"method={method}", "rollout.n=1"])
+
+
+@pytest.mark.parametrize("method", ["sft", "opd"])
+def test_methods_without_peers_or_groups_train_on_one_rollout(method):
+    extra = ["teacher.external_model=some/model"] if method == "opd" else []
+    assert load_config(None, [f"method={method}", "rollout.n=1", *extra]).rollout.n == 1
+
+
+def test_grpo_mix_belongs_to_the_grpo_distill_objective():
+    with pytest.raises(ConfigError, match=r"^loss\.grpo_mix: .*set loss\.kind=grpo\+distill"):
+        load_config(None, ["method=grpo", "loss.grpo_mix=0.5"])
+    with pytest.raises(ConfigError, match=r"^loss\.grpo_mix: loss\.kind=grpo\+distill needs"):
+        load_config(None, ["loss.kind=grpo+distill"])
+    cfg = load_config(None, ["loss.kind=grpo+distill", "loss.grpo_mix=1"])
+    assert cfg.loss.grpo_mix == 1.0

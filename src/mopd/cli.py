@@ -25,7 +25,7 @@ from mopd.config import (
 )
 
 if TYPE_CHECKING:
-    from mopd.training.evaluate import EvalSamples
+    from mopd.evaluation.evaluate import EvalSamples
 
 
 def _options_help() -> str:
@@ -175,12 +175,12 @@ def _eval(args: argparse.Namespace) -> int:
     models = _eval_models(args)
     import torch
 
+    from mopd.evaluation.evaluate import eval_metrics, sample_and_verify, summarize_samples
     from mopd.models.loading import load_model, load_tokenizer
     from mopd.reporting.report import summary_table
     from mopd.rollout.base import SamplingParams
     from mopd.rollout.hf import HFRolloutEngine
     from mopd.tasks.registry import build_task
-    from mopd.training.evaluate import eval_metrics, sample_and_verify, summarize_samples
 
     options = _task_options(args.options)
     tasks = {name: build_task(name, options) for name in args.task or ["arithmetic"]}
@@ -235,7 +235,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _pooled(samples: dict[str, EvalSamples]) -> EvalSamples:
-    from mopd.training.evaluate import EvalSamples
+    from mopd.evaluation.evaluate import EvalSamples
 
     parts = list(samples.values())
     return EvalSamples(
@@ -275,7 +275,7 @@ def _fmt(value: object) -> str:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from mopd.training.analysis import condition_config
+    from mopd.evaluation.analysis import condition_config
 
     conditions = [c.strip() for c in args.conditions.split(",") if c.strip()]
     try:  # validate the condition names before any model loads
@@ -285,12 +285,7 @@ def _analyze(args: argparse.Namespace) -> int:
         raise ConfigError(f"--conditions: {exc}") from exc
     import torch
 
-    from mopd.models.loading import load_model, load_tokenizer
-    from mopd.reporting.report import summary_table
-    from mopd.rollout.base import SamplingParams
-    from mopd.rollout.hf import HFRolloutEngine
-    from mopd.tasks.registry import build_task
-    from mopd.training.analysis import (
+    from mopd.evaluation.analysis import (
         SIGNAL_HEADERS,
         analyze_groups,
         load_rollout_groups,
@@ -298,6 +293,11 @@ def _analyze(args: argparse.Namespace) -> int:
         signal_rows,
         write_analysis,
     )
+    from mopd.models.loading import load_model, load_tokenizer
+    from mopd.reporting.report import summary_table
+    from mopd.rollout.base import SamplingParams
+    from mopd.rollout.hf import HFRolloutEngine
+    from mopd.tasks.registry import build_task
 
     torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(args.model)

@@ -29,7 +29,6 @@ from mopd.core.peers import PeerConfig
 from mopd.core.prompts import TeacherTemplates
 
 METHODS = ("mopd", "mopd-2s", "sdpo", "grpo", "opd", "dpo", "simpo", "sft")
-LOSS_KINDS = ("distill", "grpo", "dpo", "simpo", "sft")
 TEACHER_KINDS = ("ema", "trust-region", "external")
 PARALLEL_MODES = ("replicate", "fsdp")
 ROLLOUT_ENGINES = ("hf", "vllm")
@@ -37,6 +36,13 @@ ROLLOUT_ENGINES = ("hf", "vllm")
 
 class ConfigError(ValueError):
     """A configuration value or key the user must change."""
+
+
+def loss_kinds() -> list[str]:
+    """The registered training objectives (``loss.kind`` values), see `mopd.objectives`."""
+    from mopd.objectives import REGISTRY  # imports torch: only when a config is built
+
+    return sorted(REGISTRY)
 
 
 def _check(condition: bool, name: str, message: str) -> None:
@@ -178,10 +184,10 @@ class LossConfig:
     beta: float = 0.1  # DPO beta
     simpo_beta: float = 2.0
     simpo_gamma: float = 0.5
-    grpo_mix: float = 0.0  # lambda of (1-lambda)·GRPO + lambda·distill when kind=grpo
+    grpo_mix: float = 0.0  # lambda of (1-lambda)·GRPO + lambda·distill (kind=grpo+distill)
 
     def __post_init__(self) -> None:
-        _one_of(self.kind, "loss.kind", LOSS_KINDS)
+        _one_of(self.kind, "loss.kind", loss_kinds())
         _check(self.topk is None or self.topk >= 1, "loss.topk", "must be >= 1 or null")
         _check(0 <= self.alpha <= 1, "loss.alpha", "must be in [0, 1]")
         _one_of(self.estimator, "loss.estimator", ("topk", "sampled-token"))
@@ -300,17 +306,10 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
+        from mopd.objectives import objective_class  # imports torch: not at module level
+
         _one_of(self.method, "method", METHODS)
-        _check(
-            self.loss.kind != "grpo" or self.loss.grpo_mix == 0 or self.rollout.n >= 2,
-            "rollout.n",
-            "GRPO needs at least 2 rollouts per prompt",
-        )
-        _check(
-            self.loss.kind not in ("dpo", "simpo") or self.rollout.n >= 2,
-            "rollout.n",
-            f"{self.loss.kind} builds pairs inside a group: needs rollout.n >= 2",
-        )
+        objective_class(self.loss.kind).check_config(self)  # e.g. enough rollouts per prompt
         _check(
             self.train.parallel != "fsdp" or self.model.lora.r == 0,
             "train.parallel",

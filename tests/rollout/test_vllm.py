@@ -446,10 +446,10 @@ def test_arithmetic_success_rate_agrees_with_hf_engine(tokenizer):
     correct answers into wrong ones); the bound is loose on purpose, so that the test
     checks agreement and not luck.
     """
+    from mopd.collect.contexts import chat_prompt_ids
     from mopd.models.loading import DEFAULT_MODEL, load_model, resolve_model_path
     from mopd.tasks.base import verify_batch
     from mopd.tasks.registry import build_task
-    from mopd.training.contexts import chat_prompt_ids
 
     task = build_task("arithmetic", {})
     problems = list(task.train_problems())[:8]

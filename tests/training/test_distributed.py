@@ -17,9 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mopd.collect.shards import local_shards
 from mopd.config import ConfigError, load_config
 from mopd.training.checkpoint import load_trainer_state
-from mopd.training.shards import local_shards
 from mopd.training.trainer import Trainer
 from tasks_for_tests import tiny_run_overrides
 
@@ -143,7 +143,7 @@ def test_fsdp_two_processes_train_like_one_process_and_resume(tmp_path, tiny_mod
     # Student, gradients, AdamW state and EMA teacher sharded over two processes (FSDP2
     # on gloo) vs. one process. GRPO mixed with distillation: each process runs its own
     # number of micro-batches in each phase, which the lockstep must reconcile.
-    mixed = ("method=grpo", "loss.grpo_mix=0.5")
+    mixed = ("method=grpo", "loss.kind=grpo+distill", "loss.grpo_mix=0.5", "peers.n_failure=0")
     single = Trainer(
         load_config(
             "demo", _overrides(tmp_path / "one", tiny_model_dir, "train.rollout_shards=2", *mixed)

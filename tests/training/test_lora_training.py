@@ -29,7 +29,7 @@ def _config(tmp_path: Path, model_dir: Path, *extra: str):
 def test_lora_run_trains_only_adapters_and_saves_a_plain_merged_student(tmp_path, tiny_model_dir):
     trainer = Trainer(_config(tmp_path, tiny_model_dir, "teacher.ema_rate=0.5"))
     before = {k: v.detach().clone() for k, v in trainer.student.named_parameters()}
-    optimized = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    optimized = {id(p) for g in trainer.parts.optimizer.param_groups for p in g["params"]}
     assert optimized == {id(p) for p in trainer.student.parameters() if p.requires_grad}
     result = trainer.train()
     assert all(math.isfinite(row["loss/total"]) for row in result.history)

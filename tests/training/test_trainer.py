@@ -154,7 +154,7 @@ def test_engine_logprob_mismatch_is_measured(tmp_path, tiny_model_dir, method):
         assert row["rollout/is_clipped_fraction"] == 0.0
 
     off = Trainer(_config(tmp_path / "off", tiny_model_dir, method, *extra))
-    off.modules.engine = _OffsetLogprobs(off.engine, -1.0)  # engine under-reports by 1 nat
+    off.parts.engine = _OffsetLogprobs(off.parts.engine, -1.0)  # engine under-reports by 1 nat
     row = off.train().history[0]
     assert row["rollout/logprob_mismatch"] == pytest.approx(1.0, abs=1e-3)
     if method == "mopd":  # ratio e^1 > 2: every rescored token's weight is truncated

@@ -36,6 +36,7 @@ student-logit gradient and one chunk. Half-precision logits are reduced in float
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -283,17 +284,17 @@ def importance_weights(logp_BT: Tensor, logp_old_BT: Tensor, is_clip: float = 2.
         return (logp_BT - logp_old_BT).clamp(max=math.log(is_clip)).exp()
 
 
-def aggregation_count(mask_BT: Tensor, mode: str) -> Tensor:
-    """What ``aggregate`` divides by: unmasked tokens (token-mean) or sequences with at
-    least one unmasked token (seq-mean modes). 0-dim int64 tensor.
+def aggregation_count(lengths: Sequence[int], mode: str) -> int:
+    """What :func:`aggregate` divides by, from the rows' valid-token counts: all valid
+    tokens (token-mean) or the rows with at least one (seq-mean modes).
 
-    Sum it over the micro-batches of a step and pass the total as ``denominator``.
+    Sum it over the micro-batches (and processes) of a step and pass the total as
+    ``denominator``.
     """
     _check_mode(mode)
-    valid_BT = mask_BT != 0
     if mode == "token-mean":
-        return valid_BT.sum()
-    return valid_BT.any(dim=-1).sum()
+        return int(sum(lengths))
+    return sum(1 for n in lengths if n > 0)
 
 
 def _check_mode(mode: str) -> None:
@@ -342,5 +343,5 @@ def aggregate(
         total = per_seq_B.sum()
     if denominator is None:
         # An all-masked batch has total == 0 (with a graph) and count 0: divide by 1.
-        denominator = aggregation_count(mask_BT, mode).clamp_min(1)
+        denominator = max(1, aggregation_count(valid_BT.sum(dim=-1).tolist(), mode))
     return total / denominator

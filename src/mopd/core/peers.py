@@ -38,7 +38,6 @@ here with the same seed.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import numbers
 import random
@@ -53,6 +52,7 @@ from mopd.core.peer_controls import (
     success_only_context,
     unrelated_prompt_context,
 )
+from mopd.core.seeding import derive_seed
 from mopd.types import PeerContext
 
 __all__ = [
@@ -60,7 +60,6 @@ __all__ = [
     "PeerConfig",
     "context_stats",
     "control_shortfall_fraction",
-    "derive_seed",
     "group_seed",
     "select_peers",
     "select_peers_batch",
@@ -142,12 +141,6 @@ class PeerConfig:
             raise ValueError(f"named context {key!r} fixes {fixed}; use PeerConfig(...) instead")
         n_success, n_failure = NAMED_CONTEXTS[key]
         return cls(n_success=n_success, n_failure=n_failure, **overrides)
-
-
-def derive_seed(*parts: int | str) -> int:
-    """A 64-bit seed from `parts`, stable across processes and Python versions."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
 
 
 def group_seed(seed: int, group_index: int) -> int:

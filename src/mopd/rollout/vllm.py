@@ -69,7 +69,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mopd.core.peers import derive_seed
+from mopd.core.seeding import derive_seed
 from mopd.rollout.base import SamplingParams, check_generate_args
 from mopd.types import Rollout
 

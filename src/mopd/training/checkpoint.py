@@ -52,7 +52,7 @@ BY_NAME = "by-name"  # optimizer state format of sharded students
 class TrainerState:
     step: int  # optimizer steps done
     data_position: int  # prompts consumed from the training stream
-    rollout_shards: int = 1  # sampling layout of each step (training.shards)
+    rollout_shards: int = 1  # sampling layout of each step (collect.shards)
 
 
 def rng_state() -> dict[str, Any]:

@@ -7,7 +7,7 @@ device and sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
 is used. By default (``train.parallel=replicate``) every process holds a full copy of the
 student, the teacher and the optimizer.
 
-What is split: the P prompts of a step, in whole rollout shards (`training.shards`), so
+What is split: the P prompts of a step, in whole rollout shards (`collect.shards`), so
 a rollout group never straddles two processes and each shard's rollouts do not depend on
 which process draws them.
 

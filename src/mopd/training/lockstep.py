@@ -134,7 +134,9 @@ class Lockstep:
                         f"process out of step: another process runs the backward of "
                         f"{self.names[index]!r} but this one has no forward to mirror it with"
                     )
-                (self._pending.pop(0).float().sum() * 0.0).backward()
+                # This process may be inside a no-grad forward (a teacher's) when it mirrors.
+                with torch.enable_grad():
+                    (self._pending.pop(0).float().sum() * 0.0).backward()
                 return
             device = next(model.parameters()).device
             dummy = torch.zeros((1, 1), dtype=torch.long, device=device)

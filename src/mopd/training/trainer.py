@@ -29,41 +29,27 @@ import random
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.device_mesh import init_device_mesh
 from tqdm.auto import tqdm
 
-from mopd.config import Config, ConfigError, save_config, to_dict
-from mopd.core.peers import derive_seed
-from mopd.models.loading import (
-    apply_memory_options,
-    load_model,
-    load_tokenizer,
-    resolve_model_path,
-)
-from mopd.models.lora import add_lora, base_model
-from mopd.models.sharding import is_sharded, shard_model
-from mopd.models.teachers import Teacher, build_teacher, check_same_vocabulary
+from mopd.collect.shards import local_shards, shard_count
+from mopd.config import Config, save_config, to_dict
+from mopd.core.seeding import derive_seed
+from mopd.evaluation.evaluate import evaluate
+from mopd.models.teachers import Teacher
 from mopd.reporting.report import eval_summary_rows, summary_table, write_report
 from mopd.reporting.sinks import MultiSink, build_sinks
-from mopd.rollout.base import RolloutEngine, SamplingParams
-from mopd.rollout.factory import build_engine
+from mopd.rollout.base import SamplingParams
 from mopd.tasks.base import Task
 from mopd.tasks.registry import build_task
-from mopd.training.checkpoint import (
-    TrainerState,
-    latest_checkpoint,
-    load_trainer_state,
-    save_checkpoint,
-)
-from mopd.training.distributed import Distributed, init_distributed
-from mopd.training.evaluate import evaluate
-from mopd.training.lockstep import Lockstep
+from mopd.training.build import build_run, process_device, resolve_device
+from mopd.training.checkpoint import TrainerState, latest_checkpoint, save_checkpoint
+from mopd.training.distributed import init_distributed
 from mopd.training.records import (
     FULL_ROLLOUTS_FILE,
     SAMPLES_FILE,
@@ -71,32 +57,8 @@ from mopd.training.records import (
     append_records,
     rollout_records,
 )
-from mopd.training.shards import local_shards, shard_count
-from mopd.training.step import StepModules, StepOutput, train_step
+from mopd.training.step import StepOutput, train_step
 from mopd.types import Problem
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA when present; an explicit device that is missing fails clearly."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"model.device={name!r} but CUDA is not available; use model.device=cpu")
-    return device
-
-
-def process_device(name: str, dist: Distributed) -> torch.device:
-    """`resolve_device`, with each of several processes on its own GPU (cuda:LOCAL_RANK)."""
-    device = resolve_device(name)
-    if dist.world_size == 1 or device.type != "cuda":
-        return device
-    if device.index not in (None, dist.local_rank):
-        raise ConfigError(
-            f"model.device={name!r} with {dist.world_size} processes: use 'auto' or 'cuda', "
-            "each process then takes the GPU of its LOCAL_RANK"
-        )
-    return torch.device("cuda", dist.local_rank)
 
 
 def _merge_outputs(outputs: Sequence[StepOutput]) -> StepOutput:
@@ -162,7 +124,15 @@ class Trainer:
         self.resume_from = self.dist.broadcast(latest_checkpoint(self.run_dir) if resume else None)
         if resume and self.resume_from is None:
             raise FileNotFoundError(f"--resume {self.run_dir}: no complete checkpoint found in it")
-        self._build_models()
+        self.parts, self.state = build_run(
+            config,
+            self.task,
+            dist=self.dist,
+            device=self.device,
+            shards=shards,
+            resume_from=self.resume_from,
+        )
+        self.dist = self.parts.dist  # with a lockstep when sharded
         self._full_rollouts_capped = False
 
     # ------------------------------------------------------------------ set-up
@@ -174,114 +144,13 @@ class Trainer:
         )
         return Path(cfg.logging.output_dir) / name
 
-    def _build_models(self) -> None:
-        cfg = self.config
-        source = str(self.resume_from / "student") if self.resume_from else cfg.model.name
-        lora = cfg.model.lora
-        self.tokenizer = load_tokenizer(source, cache_dir=cfg.model.cache_dir)
-        # With adapters the frozen base always comes from model.name (checkpoints hold
-        # the merged model for users and the adapter for resuming; see models/lora.py).
-        weights = cfg.model.name if lora.r else source
-        self.student = load_model(weights, dtype=cfg.model.dtype, cache_dir=cfg.model.cache_dir)
-        if self.sharded:  # this process keeps 1/W of every weight, on its device
-            mesh = init_device_mesh(self.device.type, (self.dist.world_size,))
-            shard_model(self.student, mesh)
-        else:  # Module.to directly: transformers' typed wrapper of `.to` rejects a torch.device
-            torch.nn.Module.to(self.student, self.device)
-        if lora.r:
-            adapter = self.resume_from / "adapter" if self.resume_from else None
-            self.student = add_lora(
-                self.student,
-                r=lora.r,
-                alpha=lora.alpha,
-                dropout=lora.dropout,
-                target_modules=lora.target_modules,
-                seed=derive_seed(cfg.train.seed, "lora"),
-                adapter_dir=adapter,
-            )
-        apply_memory_options(
-            base_model(self.student),
-            gradient_checkpointing=cfg.model.gradient_checkpointing,
-            autocast=cfg.model.autocast,
-        )
-        self.teacher: Teacher | None = None
-        self.reference: Teacher | None = None
-        distill = cfg.loss.kind == "distill" or (cfg.loss.kind == "grpo" and cfg.loss.grpo_mix > 0)
-        if distill:
-            external = None
-            if cfg.teacher.kind == "external":
-                assert cfg.teacher.external_model is not None
-                external = load_model(
-                    cfg.teacher.external_model, dtype=cfg.model.dtype, cache_dir=cfg.model.cache_dir
-                )
-                external_tok = load_tokenizer(
-                    cfg.teacher.external_model, cache_dir=cfg.model.cache_dir
-                )
-                check_same_vocabulary(self.tokenizer, external_tok, self.student, external)
-            self.teacher = build_teacher(
-                cfg.teacher.kind,
-                self.student,
-                rate=cfg.teacher.ema_rate,
-                mix=cfg.teacher.trust_region_mix,
-                external_model=external,
-            )
-        if cfg.loss.kind == "dpo":
-            self.reference = build_teacher("ema", self.student, rate=0.0)
-        self.optimizer = torch.optim.AdamW(
-            [p for p in self.student.parameters() if p.requires_grad],  # LoRA: adapters only
-            lr=cfg.optim.lr,
-            weight_decay=cfg.optim.weight_decay,
-            betas=cfg.optim.betas,
-        )
-        warmup = cfg.optim.warmup_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)) if warmup else 1.0
-        )
-        self.engine: RolloutEngine = build_engine(
-            cfg.rollout,
-            student=self.student,
-            tokenizer=self.tokenizer,
-            model_path=resolve_model_path(weights, cfg.model.cache_dir),
-            world_size=self.dist.world_size,
-            seed=cfg.train.seed,
-        )
-        shards = shard_count(cfg.train.rollout_shards, self.dist.world_size)
-        self.state = TrainerState(step=0, data_position=0, rollout_shards=shards)
-        if self.resume_from is not None:
-            self.state = load_trainer_state(
-                self.resume_from,
-                optimizer=self.optimizer,
-                scheduler=self.scheduler,
-                teacher=self.teacher,
-                reference=self.reference,
-                student=self.student,
-            )
-            if self.state.rollout_shards != shards:
-                raise ConfigError(
-                    f"{self.resume_from} was trained with {self.state.rollout_shards} rollout "
-                    f"shards per step, this run would use {shards}: resume with "
-                    f"{self.state.rollout_shards} processes, or set "
-                    f"train.rollout_shards={self.state.rollout_shards}"
-                )
-        if self.sharded:  # sharded forwards are collectives: keep processes in step
-            models = {"student": self.student}
-            for name, teacher in (("teacher", self.teacher), ("reference", self.reference)):
-                model = getattr(teacher, "model", None)  # an external teacher: not sharded
-                if model is not None and is_sharded(model):
-                    models[name] = model
-            self.dist = replace(self.dist, lockstep=Lockstep(models, device=self.dist.device))
-        self.modules = StepModules(
-            config=cfg,
-            student=self.student,
-            tokenizer=self.tokenizer,
-            engine=self.engine,
-            task=self.task,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            teacher=self.teacher,
-            reference=self.reference,
-            dist=self.dist,
-        )
+    @property
+    def student(self) -> Any:
+        return self.parts.student
+
+    @property
+    def teacher(self) -> Teacher | None:
+        return self.parts.teacher
 
     # ------------------------------------------------------------------ loop
     def evaluate(self) -> dict[str, float]:
@@ -302,8 +171,8 @@ class Trainer:
         )
         t0 = time.perf_counter()
         metrics = evaluate(
-            self.engine,
-            self.tokenizer,
+            self.parts.engine,
+            self.parts.tokenizer,
             self.task,
             self.eval_problems,
             k=cfg.eval.k,
@@ -335,12 +204,12 @@ class Trainer:
         save_checkpoint(
             self.run_dir,
             state=self.state,
-            student=self.student,
-            tokenizer=self.tokenizer,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            teacher=self.teacher,
-            reference=self.reference,
+            student=self.parts.student,
+            tokenizer=self.parts.tokenizer,
+            optimizer=self.parts.optimizer,
+            scheduler=self.parts.scheduler,
+            teacher=self.parts.teacher,
+            reference=self.parts.reference,
             write=self.dist.is_main,
         )
 
@@ -381,7 +250,7 @@ class Trainer:
                     count=cfg.train.prompts_per_step,
                 )
                 output, metrics = train_step(
-                    self.modules, problems, seed=derive_seed(cfg.train.seed, "step", step)
+                    self.parts, problems, seed=derive_seed(cfg.train.seed, "step", step)
                 )
                 self.state = TrainerState(
                     step, self.state.data_position + len(problems), self.state.rollout_shards

@@ -14,11 +14,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from mopd.collect.sampling import sample_and_verify_groups
 from mopd.evaluation.diversity import diversity_summary
 from mopd.evaluation.sampling import sampling_summary
 from mopd.rollout.base import RolloutEngine, SamplingParams
 from mopd.tasks.base import Task
-from mopd.training.sampling import sample_and_verify_groups
 from mopd.types import Problem
 
 

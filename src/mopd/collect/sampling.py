@@ -8,9 +8,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from mopd.collect.contexts import chat_prompt_ids
 from mopd.rollout.base import RolloutEngine, SamplingParams
 from mopd.tasks.base import Task, verify_batch
-from mopd.training.contexts import chat_prompt_ids
 from mopd.types import Problem, Rollout, Verdict
 
 T = TypeVar("T")

@@ -4,7 +4,7 @@ For each prompt we hold G verified rollouts (sampled here, or read back from a r
 rollout file). For every context *condition* (base, 1S, 2S, 1F, 1S1F, 2S1F and the
 matched controls ``random_peer``, ``unrelated_prompt``, ``success_only_matched``) each
 rollout gets its own teacher prompt, built for that rollout by the training code
-(:func:`mopd.training.contexts.build_teacher_inputs`, so the exclusion rules, the peer
+(:func:`mopd.collect.contexts.build_teacher_inputs`, so the exclusion rules, the peer
 policy and the token budget are exactly those of training). The teacher then scores the
 rollout's response tokens:
 
@@ -35,12 +35,12 @@ from typing import Any
 
 import torch
 
+from mopd.collect.contexts import TeacherInput, build_teacher_inputs, chat_prompt_ids
+from mopd.collect.sampling import regroup, sample_and_verify_groups
 from mopd.core.peers import CONTROLS, NAMED_CONTEXTS, PeerConfig
 from mopd.core.prompts import TeacherTemplates
 from mopd.evaluation.signal import SIGNAL_METRICS, MetricSummary, summarize_signal
 from mopd.models.scoring import build_scoring_batch, response_logits, response_logprobs
-from mopd.training.contexts import TeacherInput, build_teacher_inputs, chat_prompt_ids
-from mopd.training.sampling import regroup, sample_and_verify_groups
 from mopd.types import PeerContext, Problem, Rollout, Verdict
 
 DEFAULT_CONDITIONS = (*NAMED_CONTEXTS, "random_peer", "unrelated_prompt")

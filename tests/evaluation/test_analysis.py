@@ -8,13 +8,13 @@ import pytest
 import torch
 from scipy import stats
 
-from mopd.training.analysis import (
+from mopd.collect.contexts import chat_prompt_ids
+from mopd.evaluation.analysis import (
     analyze_groups,
     build_condition,
     condition_config,
     load_rollout_groups,
 )
-from mopd.training.contexts import chat_prompt_ids
 from mopd.types import Problem, Rollout, Verdict
 
 

@@ -25,12 +25,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from mopd.collect.contexts import TeacherInput, build_teacher_inputs, context_sums
+from mopd.collect.sampling import sample_and_verify_groups
 from mopd.config import Config, ConfigError
-from mopd.core.peers import derive_seed
+from mopd.core.seeding import derive_seed
 from mopd.rollout.base import RolloutEngine, SamplingParams
 from mopd.tasks.base import Task
-from mopd.training.contexts import TeacherInput, build_teacher_inputs
-from mopd.training.sampling import sample_and_verify_groups
 from mopd.types import Problem, Rollout, Verdict
 
 
@@ -70,12 +70,6 @@ def shard_seed(step_seed: int, shard: int, shards: int) -> int:
     return step_seed if shards == 1 else derive_seed(step_seed, "shard", shard)
 
 
-def distills(config: Config) -> bool:
-    """Whether the configured loss has a distillation term (and so needs teacher inputs)."""
-    loss = config.loss
-    return loss.kind == "distill" or (loss.kind == "grpo" and loss.grpo_mix > 0)
-
-
 @dataclass
 class ShardSamples:
     """One process's share of a step: its shards' groups, verified, with teacher inputs."""
@@ -85,6 +79,7 @@ class ShardSamples:
     groups: list[list[Rollout]] = field(default_factory=list)  # (P_local, G)
     verdicts: list[list[Verdict]] = field(default_factory=list)  # (P_local, G)
     teacher_inputs: list[list[TeacherInput]] | None = None  # (P_local, G) when distilling
+    context_sums: dict[str, float] = field(default_factory=dict)  # see `context_sums`
     generate_s: float = 0.0
     verify_s: float = 0.0
     context_s: float = 0.0
@@ -100,15 +95,19 @@ def sample_local_shards(
     seed: int,
     rank: int = 0,
     world_size: int = 1,
+    teacher_inputs: bool = True,
 ) -> ShardSamples:
-    """Steps 1-4 of method.md for this rank's shards of the step's `problems`."""
+    """Steps 1-4 of method.md for this rank's shards of the step's `problems`.
+
+    `teacher_inputs`: build peer contexts and teacher prompts (objectives that distil).
+    """
     params = SamplingParams(
         temperature=config.rollout.temperature,
         top_p=config.rollout.top_p,
         max_new_tokens=config.rollout.max_new_tokens,
     )
     shards = shard_count(config.train.rollout_shards, world_size)
-    out = ShardSamples(teacher_inputs=[] if distills(config) else None)
+    out = ShardSamples(teacher_inputs=[] if teacher_inputs else None)
     for index, positions in local_shards(len(problems), shards, world_size, rank):
         shard = [problems[i] for i in positions]
         seed_s = shard_seed(seed, index, shards)
@@ -123,7 +122,7 @@ def sample_local_shards(
         out.verify_s += sampled.verify_s
         if out.teacher_inputs is not None:
             t0 = time.perf_counter()
-            out.teacher_inputs += build_teacher_inputs(
+            inputs = build_teacher_inputs(
                 tokenizer,
                 shard,
                 sampled.groups,
@@ -134,5 +133,12 @@ def sample_local_shards(
                 use_context=config.teacher.use_context,
                 seed=seed_s,
             )
+            out.teacher_inputs += inputs
+            if config.teacher.use_context:
+                sums = context_sums(
+                    inputs, sampled.groups, sampled.verdicts, peers=config.peers, seed=seed_s
+                )
+                for key, value in sums.items():
+                    out.context_sums[key] = out.context_sums.get(key, 0.0) + value
             out.context_s += time.perf_counter() - t0
     return out

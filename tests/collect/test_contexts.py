@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from mopd.collect.contexts import build_teacher_inputs, chat_prompt_ids
 from mopd.core.peers import PeerConfig
 from mopd.core.prompts import DEFAULT_TEMPLATES, render_teacher_prompt
-from mopd.training.contexts import build_teacher_inputs, chat_prompt_ids
 from mopd.types import Problem, Rollout, Verdict
 
 pytestmark = pytest.mark.integration
@@ -69,3 +69,27 @@ def test_question_only_teacher_gives_every_rollout_the_loss(tokenizer):
     inputs, _ = _inputs(tokenizer, [0, 0], use_context=False)
     assert all(t.has_context for t in inputs)
     assert all(list(t.prompt_ids) == chat_prompt_ids(tokenizer, PROBLEM.messages) for t in inputs)
+
+
+def test_context_sums_count_the_peers_shown_and_a_controls_shortfall(tokenizer):
+    from mopd.collect.contexts import context_sums
+
+    rewards = [1, 0, 0, 0]  # one success: successes are scarce for the control
+    inputs, _ = _inputs(tokenizer, rewards)
+    rollouts, verdicts = _group([f"answer {i}" for i in range(4)], rewards)
+    sums = context_sums([inputs], [rollouts], [verdicts], peers=PeerConfig.named("2S1F"), seed=0)
+    assert sums["rollouts"] == 4
+    shown = sum(len(t.context.successes) for t in inputs)
+    assert sums["mean_successes"] == pytest.approx(shown)
+    assert "control_shortfall" not in sums
+    # success_only_matched swaps each failure slot for another success: with one success
+    # in the group, rollouts that showed a failure cannot fill that slot.
+    peers = PeerConfig.named("2S1F", control="success_only_matched")
+    controlled = build_teacher_inputs(
+        tokenizer, [PROBLEM], [rollouts], [verdicts], peers=peers, templates=DEFAULT_TEMPLATES,
+        max_prompt_tokens=2048, use_context=True, seed=0,
+    )  # fmt: skip
+    sums = context_sums(controlled, [rollouts], [verdicts], peers=peers, seed=0)
+    uncontrolled_failures = sum(len(t.context.failures) > 0 for t in inputs)
+    assert uncontrolled_failures > 0
+    assert sums["control_shortfall"] == uncontrolled_failures

@@ -9,10 +9,11 @@ with the generation prompt, so teacher and student read the same conversation fo
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from mopd.core.peers import PeerConfig, select_peers_batch
+from mopd.core.peer_controls import control_shortfall_fraction
+from mopd.core.peers import PeerConfig, context_stats, select_peers_batch
 from mopd.core.prompts import TeacherTemplates, fit_teacher_prompt
 from mopd.types import PeerContext, Problem, Rollout, Verdict
 
@@ -123,3 +124,40 @@ def build_teacher_inputs(
             row.append(TeacherInput(ids, ctx, has_context, fitted.truncated, fitted.text))
         result.append(row)
     return result
+
+
+def context_sums(
+    inputs: Sequence[Sequence[TeacherInput]],
+    groups: Sequence[Sequence[Rollout]],
+    verdicts: Sequence[Sequence[Verdict]],
+    *,
+    peers: PeerConfig,
+    seed: int,
+) -> dict[str, float]:
+    """What the peer contexts of a batch held, as sums over its rollouts (``rollouts`` the
+    count), so that batches of several processes add up before the means are taken.
+
+    The `core.peers.context_stats` statistics (peers shown per rollout, feedback share)
+    and, under a peer control, ``control_shortfall``: rollouts whose controlled context
+    fell short of its uncontrolled budget (re-selected with the same seed).
+    """
+    contexts = [[t.context for t in group] for group in inputs]
+    n = sum(len(group) for group in contexts)
+    sums = {key: value * n for key, value in context_stats(contexts).items()}
+    sums["rollouts"] = float(n)
+    if peers.control != "none":
+        rewards = [[v.reward for v in vs] for vs in verdicts]
+        lengths = [[len(r.response_ids) for r in group] for group in groups]
+        uncontrolled = select_peers_batch(
+            rewards,
+            replace(peers, control="none"),
+            seed=seed,
+            lengths_per_group=lengths,
+            feedback_available_per_group=[[bool(v.feedback) for v in vs] for vs in verdicts],
+        )
+        token = peers.control_match == "token"
+        short = control_shortfall_fraction(
+            contexts, uncontrolled, lengths_per_group=lengths if token else None
+        )
+        sums["control_shortfall"] = short * n
+    return sums

@@ -1,0 +1,121 @@
+"""Objectives on real sampled groups of a tiny model: the gradients they produce."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from mopd.collect.shards import sample_local_shards
+from mopd.config import load_config
+from mopd.models.teachers import ExternalTeacher
+from mopd.objectives import REGISTRY, Scorers, StepBatch, assemble_batch, build_objective
+from mopd.rollout.hf import HFRolloutEngine
+from mopd.training.step import run_objective
+from tasks_for_tests import ParityTask
+
+pytestmark = pytest.mark.integration
+
+
+def _config(*extra: str):
+    return load_config(
+        None,
+        [
+            "method=mopd",
+            "rollout.n=4",
+            "rollout.max_new_tokens=6",
+            "rollout.temperature=0.7",
+            "train.prompts_per_step=3",
+            "train.micro_batch_size=5",
+            *extra,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def setting(tokenizer):
+    """A student, a different teacher, and one step's verified groups with peer contexts."""
+    student = make_tiny_model(tokenizer, seed=0)
+    teacher = ExternalTeacher(make_tiny_model(tokenizer, seed=1))
+    cfg = _config()
+    task = ParityTask()
+    engine = HFRolloutEngine(student, tokenizer, batch_size=64)
+    sampled = sample_local_shards(
+        cfg, engine, tokenizer, task, task.train_problems()[:3], seed=5, teacher_inputs=True
+    )
+    batch = assemble_batch(
+        sampled.prompt_ids,
+        sampled.groups,
+        sampled.verdicts,
+        sampled.teacher_inputs,
+        success_threshold=1.0,
+        normalize_std=False,
+    )
+    assert batch.with_context and any(r.advantage != 0 for r in batch.rows), "need signal"
+    return student, teacher, tokenizer, batch
+
+
+def _gradient(setting, *overrides: str) -> tuple[torch.Tensor, dict[str, float]]:
+    """Flat student gradient of one step's objective (single process) and its loss terms."""
+    student, teacher, tokenizer, batch = setting
+    student = copy.deepcopy(student)
+    objective = build_objective(_config(*overrides))
+    norms = objective.normalisers(batch)
+    scorers = Scorers(student, tokenizer.pad_token_id, teacher=teacher)
+    student.train()
+    log = run_objective(objective, batch, norms, scorers, temperature=0.7, is_clip=None)
+    grads = [p.grad.flatten() for p in student.parameters() if p.grad is not None]
+    return torch.cat(grads), log.losses
+
+
+@pytest.mark.parametrize("lam", [0.25, 1.0])
+def test_grpo_distill_mix_is_the_weighted_sum_of_the_pure_objectives(setting, lam):
+    g_grpo, l_grpo = _gradient(setting, "loss.kind=grpo")
+    g_distill, l_distill = _gradient(setting, "loss.kind=distill")
+    g_mix, l_mix = _gradient(setting, "loss.kind=grpo+distill", f"loss.grpo_mix={lam}")
+    assert g_grpo.abs().max() > 0 and g_distill.abs().max() > 0
+    expected = (1 - lam) * g_grpo + lam * g_distill
+    torch.testing.assert_close(g_mix, expected, rtol=1e-4, atol=1e-7)
+    # Each term is logged unweighted, as the pure objective logs it.
+    assert l_mix["grpo"] == pytest.approx(l_grpo["grpo"], rel=1e-5, abs=1e-9)
+    assert l_mix["distill"] == pytest.approx(l_distill["distill"], rel=1e-5)
+
+
+def test_distillation_trains_only_rows_with_a_context(setting):
+    *_, batch = setting
+    objective = build_objective(_config())
+    trained = [r for chunk in objective.micro_batches(batch, {"distill/rows": 1}) for r in chunk]
+    assert trained == batch.with_context
+    norms = objective.normalisers(batch)
+    assert norms["distill"] == sum(len(r.rollout.response_ids) for r in batch.with_context)
+
+
+def test_grpo_forwards_rows_with_an_advantage_but_counts_every_rollout(setting):
+    *_, batch = setting
+    objective = build_objective(_config("method=grpo"))
+    trained = [r for chunk in objective.micro_batches(batch, {"grpo": 1}) for r in chunk]
+    assert trained == [r for r in batch.rows if r.advantage != 0]
+    assert objective.normalisers(batch)["grpo"] == sum(
+        len(r.rollout.response_ids) for r in batch.rows
+    )
+
+
+def test_preference_objectives_take_one_group_with_pairs_per_micro_batch(setting):
+    *_, batch = setting
+    objective = build_objective(_config("method=simpo"))
+    chunks = objective.micro_batches(batch, {"pairs": 1})
+    mixed = [g for g in batch.groups if len({r.reward for r in g}) == 2]
+    assert chunks == mixed
+    n_pairs = sum(sum(r.success for r in g) * sum(not r.success for r in g) for g in mixed)
+    assert objective.normalisers(batch)["pairs"] == n_pairs
+
+
+def test_every_registered_objective_declares_its_needs():
+    for kind, cls in REGISTRY.items():
+        assert cls.name == kind
+        assert cls.min_group_size >= 1
+    assert REGISTRY["distill"].needs_teacher and REGISTRY["grpo+distill"].needs_teacher
+    assert REGISTRY["dpo"].needs_reference and not REGISTRY["simpo"].needs_reference
+    assert not StepBatch((), 0).groups
