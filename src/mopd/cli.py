@@ -20,6 +20,7 @@ from mopd.config import (
     ConfigError,
     load_config,
     load_saved_config,
+    loss_kinds,
     to_dict,
     valid_keys,
 )
@@ -37,6 +38,7 @@ def _options_help() -> str:
             value = value.get(part) if isinstance(value, dict) else None
         lines.append(f"  {key} = {json.dumps(value)}")
     lines.append(f"methods: {', '.join(METHODS)}  (e.g. method=grpo)")
+    lines.append(f"objectives: {', '.join(loss_kinds())}  (loss.kind=..., mopd.objectives)")
     return "\n".join(lines)
 
 

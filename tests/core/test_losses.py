@@ -277,6 +277,17 @@ def test_token_logprobs_match_explicit_log_softmax(temperature):
     torch.testing.assert_close(ours.grad.double(), reference.grad, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_logprobs_of_half_precision_logits_are_float32_and_exact(dtype):
+    gen = torch.Generator().manual_seed(0)
+    logits_BRV = (torch.randn(3, 4, 50, generator=gen) * 5).to(dtype)
+    ids_BR = torch.randint(0, 50, (3, 4), generator=gen)
+    reference = torch.log_softmax(logits_BRV.double(), dim=-1).gather(-1, ids_BR[..., None])[..., 0]
+    got = token_logprobs(logits_BRV, ids_BR)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), reference, atol=1e-5, rtol=0)
+
+
 def test_token_logprobs_stay_finite_for_extreme_logits():
     logits = torch.tensor([[[1e4, -1e4, 0.0]]], requires_grad=True)
     got = token_logprobs(logits, torch.tensor([[1]]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,3 +72,15 @@ def test_an_unregistered_kind_names_the_registered_ones():
         ConfigError, match=r"loss\.kind: got 'nope', expected one of .*'grpo\+distill'"
     ):
         load_config(None, ["loss.kind=nope"])
+
+
+def test_the_readme_example_objective_trains(tmp_path, tiny_model_dir, monkeypatch):
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Extending: a new objective", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.setattr("mopd.objectives.REGISTRY", dict(REGISTRY))  # the example registers
+    namespace: dict[str, object] = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    overrides = [*tiny_run_overrides(tmp_path, tiny_model_dir), "loss.kind=rwr", "train.steps=1"]
+    result = Trainer(load_config("demo", overrides)).train()
+    assert math.isfinite(result.history[0]["loss/rwr"])

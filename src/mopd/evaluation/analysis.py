@@ -37,10 +37,11 @@ import torch
 
 from mopd.collect.contexts import TeacherInput, build_teacher_inputs, chat_prompt_ids
 from mopd.collect.sampling import regroup, sample_and_verify_groups
+from mopd.core.losses import token_logprobs
 from mopd.core.peers import CONTROLS, NAMED_CONTEXTS, PeerConfig
 from mopd.core.prompts import TeacherTemplates
 from mopd.evaluation.signal import SIGNAL_METRICS, MetricSummary, summarize_signal
-from mopd.models.scoring import build_scoring_batch, response_logits, response_logprobs
+from mopd.models.scoring import build_scoring_batch, response_logits
 from mopd.types import PeerContext, Problem, Rollout, Verdict
 
 DEFAULT_CONDITIONS = (*NAMED_CONTEXTS, "random_peer", "unrelated_prompt")
@@ -111,7 +112,7 @@ class _Scorer:
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start : start + self.batch_size]
             batch = build_scoring_batch([p for p, _ in chunk], [r for _, r in chunk], self.pad_id)
-            logp_BR = response_logprobs(response_logits(self.model, batch), batch.response_ids)
+            logp_BR = token_logprobs(response_logits(self.model, batch), batch.response_ids)
             for row, key in enumerate(chunk):
                 self.cache[key] = logp_BR[row, : len(key[1])].double().tolist()
         return [self.cache[k] for k in keys]

@@ -14,7 +14,6 @@ from mopd.models.scoring import (
     ScoringBatch,
     build_scoring_batch,
     response_logits,
-    response_logprobs,
 )
 from mopd.models.teachers import (
     TEACHER_KINDS,
@@ -42,5 +41,4 @@ __all__ = [
     "load_tokenizer",
     "resolve_model_path",
     "response_logits",
-    "response_logprobs",
 ]

@@ -150,17 +150,3 @@ def response_logits(
     else:  # architectures without the argument: full logits, then slice
         logits_BRV = model(**inputs).logits[:, -width_r:]
     return logits_BRV / temperature if temperature != 1.0 else logits_BRV
-
-
-def response_logprobs(logits_BRV: Tensor, response_ids_BR: Tensor) -> Tensor:
-    """Log-probability of each response token: ``(B, R)``, float32 or float64.
-
-    Computed as ``logit[y] - logsumexp(logits)``, which avoids a ``(B, R, V)``
-    log-softmax copy. Half-precision logits are upcast to float32 first (one copy):
-    a bfloat16 logsumexp is off by up to ~0.06 nats.
-    """
-    if logits_BRV.dtype not in (torch.float32, torch.float64):
-        logits_BRV = logits_BRV.float()
-    index_BR1 = response_ids_BR.to(logits_BRV.device).unsqueeze(-1)
-    picked_BR = logits_BRV.gather(-1, index_BR1).squeeze(-1)
-    return picked_BR - torch.logsumexp(logits_BRV, dim=-1)

@@ -29,7 +29,8 @@ def grpo_normalisers(config: Config, batch: StepBatch) -> dict[str, float]:
 def grpo_term(
     config: Config, forward: StudentForward, norms: Mapping[str, float], log: StepLog
 ) -> Tensor:
-    """The PPO-clip loss of the forward's rows; logs the clipped share of trained tokens."""
+    """The PPO-clip loss of the forward's rows; logs the clipped share of trained tokens
+    and the mean ratio to the sampling policy."""
     logp_BR = forward.logprobs(config.rollout.temperature)
     mask_BR = forward.mask_BR
     adv_B = torch.tensor(
@@ -49,6 +50,7 @@ def grpo_term(
     n_valid = float(mask_BR.sum())
     trained = float(mask_BR[adv_B != 0].sum())  # rows with zero advantage are never clipped
     log.add_ratio("grpo/clip_fraction", stats["grpo/clip_fraction"] * n_valid, trained)
+    log.add_ratio("grpo/ratio_mean", stats["grpo/ratio_mean"] * n_valid, n_valid)
     return loss
 
 
@@ -57,7 +59,7 @@ class Grpo(Objective):
 
     name = "grpo"
     min_group_size = 2
-    reports = ("grpo/clip_fraction",)
+    reports = ("grpo/clip_fraction", "grpo/ratio_mean")
 
     @classmethod
     def check_config(cls, config: Config) -> None:

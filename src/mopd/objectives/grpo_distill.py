@@ -18,8 +18,8 @@ from mopd.config import Config, ConfigError
 from mopd.core.baselines import mixed_loss
 from mopd.objectives.base import Objective, StepLog
 from mopd.objectives.batch import Row, Scorers, StepBatch, StudentForward
-from mopd.objectives.distill import ROWS, distill_normalisers, distill_term
-from mopd.objectives.grpo import grpo_normalisers, grpo_term
+from mopd.objectives.distill import ROWS, Distill, distill_normalisers, distill_term
+from mopd.objectives.grpo import Grpo, grpo_normalisers, grpo_term
 
 
 class GrpoDistill(Objective):
@@ -28,7 +28,7 @@ class GrpoDistill(Objective):
     name = "grpo+distill"
     needs_teacher = True
     min_group_size = 2
-    reports = ("grpo/clip_fraction", "gap/success", "gap/failure")
+    reports = (*Grpo.reports, *Distill.reports)
 
     @classmethod
     def check_config(cls, config: Config) -> None:

@@ -1,1 +1,2 @@
-"""Training: one step, the loop around it, evaluation during training, checkpoints."""
+"""Training: building a run (`build`), one step in phases (`step`), its metrics, the loop
+with evaluation and checkpoints (`trainer`), and several processes (`distributed`)."""

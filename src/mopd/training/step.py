@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from mopd.collect.contexts import TeacherInput
-from mopd.collect.shards import sample_local_shards
+from mopd.collect.shards import ShardSamples, sample_local_shards
 from mopd.config import Config
 from mopd.core.token_loss import engine_agreement
 from mopd.models.teachers import Teacher
@@ -125,6 +125,15 @@ def update(
     return float(grad_norm), float(lr)
 
 
+def _output(sampled: ShardSamples, batch: StepBatch, log: StepLog) -> StepOutput:
+    scores = None
+    if sampled.teacher_inputs is not None:
+        scores = [[log.teacher_scores.get((r.group, r.index)) for r in g] for g in batch.groups]
+    return StepOutput(
+        sampled.problems, sampled.groups, sampled.verdicts, sampled.teacher_inputs, scores
+    )
+
+
 def train_step(
     parts: StepParts, problems: Sequence[Problem], *, seed: int
 ) -> tuple[StepOutput, dict[str, float]]:
@@ -132,76 +141,44 @@ def train_step(
 
     `problems` are the whole step's prompts; this process samples its own shards of them.
     """
-    cfg, dist, objective = parts.config, parts.dist, parts.objective
+    cfg, dist, objective, student = parts.config, parts.dist, parts.objective, parts.student
     t_start = time.perf_counter()
     # 1-4. Collect: G rollouts per prompt, verified, with teacher inputs when distilling.
     sampled = sample_local_shards(
-        cfg,
-        parts.engine,
-        parts.tokenizer,
-        parts.task,
-        problems,
-        seed=seed,
-        rank=dist.rank,
-        world_size=dist.world_size,
-        teacher_inputs=objective.needs_teacher,
-    )
+        cfg, parts.engine, parts.tokenizer, parts.task, problems, seed=seed, rank=dist.rank,
+        world_size=dist.world_size, teacher_inputs=objective.needs_teacher,
+    )  # fmt: skip
     # Assemble: rows, advantages, and the objective's normalisers over all processes.
     threshold = cfg.peers.success_threshold
     batch = assemble_batch(
-        sampled.prompt_ids,
-        sampled.groups,
-        sampled.verdicts,
-        sampled.teacher_inputs,
-        success_threshold=threshold,
-        normalize_std=cfg.loss.normalize_std,
-    )
+        sampled.prompt_ids, sampled.groups, sampled.verdicts, sampled.teacher_inputs,
+        success_threshold=threshold, normalize_std=cfg.loss.normalize_std,
+    )  # fmt: skip
     norms = dist.sum(objective.normalisers(batch))
     # 5-6. Objective: forwards, per-token losses, masked aggregation, backward.
     t0 = time.perf_counter()
-    parts.student.train()
+    student.train()
     parts.optimizer.zero_grad(set_to_none=True)
-    scorers = Scorers(parts.student, parts.tokenizer.pad_token_id, parts.teacher, parts.reference)
+    scorers = Scorers(student, parts.tokenizer.pad_token_id, parts.teacher, parts.reference)
     log = run_objective(
-        objective,
-        batch,
-        norms,
-        scorers,
-        temperature=cfg.rollout.temperature,
+        objective, batch, norms, scorers, temperature=cfg.rollout.temperature,
         is_clip=cfg.loss.is_clip,
-    )
+    )  # fmt: skip
     t1 = time.perf_counter()
     # 7. Update, then engines holding their own weights (vLLM) sample from the new ones.
     grad_norm, lr = update(
-        parts.student,
-        parts.optimizer,
-        parts.scheduler,
-        parts.teacher,
-        dist,
+        student, parts.optimizer, parts.scheduler, parts.teacher, dist,
         grad_clip=cfg.optim.grad_clip,
-    )
+    )  # fmt: skip
     t2 = time.perf_counter()
-    parts.engine.update_weights(parts.student)
+    parts.engine.update_weights(student)
     times = {
-        "generate": sampled.generate_s,
-        "verify": sampled.verify_s,
-        "context": sampled.context_s,
-        "teacher": scorers.seconds,
-        "student": t1 - t0 - scorers.seconds,
-        "optimizer": t2 - t1,
-        "weight_push": time.perf_counter() - t2,
-        "step": time.perf_counter() - t_start,
-    }
-    counts = step_counts(
-        batch, log, sampled.teacher_inputs, sampled.context_sums, success_threshold=threshold
-    )
+        "generate": sampled.generate_s, "verify": sampled.verify_s, "context": sampled.context_s,
+        "teacher": scorers.seconds, "student": t1 - t0 - scorers.seconds, "optimizer": t2 - t1,
+        "weight_push": time.perf_counter() - t2, "step": time.perf_counter() - t_start,
+    }  # fmt: skip
+    # Metrics: this process's counts, summed over processes, then the ratios.
+    inputs = sampled.teacher_inputs
+    counts = step_counts(batch, log, inputs, sampled.context_sums, success_threshold=threshold)
     metrics = step_metrics(dist.sum(counts), dist.max(times), grad_norm=grad_norm, lr=lr)
-    teacher_scores = (
-        [[log.teacher_scores.get((r.group, r.index)) for r in g] for g in batch.groups]
-        if sampled.teacher_inputs is not None
-        else None
-    )
-    output = StepOutput(
-        sampled.problems, sampled.groups, sampled.verdicts, sampled.teacher_inputs, teacher_scores
-    )
-    return output, metrics
+    return _output(sampled, batch, log), metrics
