@@ -26,7 +26,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from mopd.core.peers import PeerConfig
-from mopd.core.prompts import TeacherTemplates
+from mopd.core.prompts import LAYOUTS, TeacherTemplates
 
 METHODS = ("mopd", "mopd-2s", "sdpo", "grpo", "opd", "dpo", "simpo", "sft")
 TEACHER_KINDS = ("ema", "trust-region", "external")
@@ -154,11 +154,13 @@ class TeacherConfig:
     trust_region_mix: float = 0.5  # c in lerp(initial, student, c)
     external_model: str | None = None
     use_context: bool = True  # False: the teacher sees only the question (standard OPD)
+    layout: str = "paper"  # paper, multi-turn (peers as earlier assistant turns), summaries
     max_prompt_tokens: int = 2048
     templates: TeacherTemplates = field(default_factory=TeacherTemplates)
 
     def __post_init__(self) -> None:
         _one_of(self.kind, "teacher.kind", TEACHER_KINDS)
+        _one_of(self.layout, "teacher.layout", LAYOUTS)
         _check(0 <= self.ema_rate <= 1, "teacher.ema_rate", "must be in [0, 1]")
         _check(0 <= self.trust_region_mix <= 1, "teacher.trust_region_mix", "must be in [0, 1]")
         _check(

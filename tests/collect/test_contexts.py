@@ -93,3 +93,32 @@ def test_context_sums_count_the_peers_shown_and_a_controls_shortfall(tokenizer):
     uncontrolled_failures = sum(len(t.context.failures) > 0 for t in inputs)
     assert uncontrolled_failures > 0
     assert sums["control_shortfall"] == uncontrolled_failures
+
+
+def test_multi_turn_layout_closes_every_peer_with_the_end_of_turn_token(tokenizer):
+    texts = ["5", "six", "5!", "4"]
+    rollouts, verdicts = _group(texts, [1, 0, 1, 0])
+    inputs = build_teacher_inputs(
+        tokenizer, [PROBLEM], [rollouts], [verdicts], peers=PeerConfig.named("1S1F"),
+        templates=DEFAULT_TEMPLATES, max_prompt_tokens=2048, use_context=True, seed=0,
+        layout="multi-turn",
+    )[0]  # fmt: skip
+    t = inputs[1]  # a failure: shown the other failure (3) and a success
+    success, failure = texts[t.context.successes[0]], texts[t.context.failures[0]]
+    again = "\n\nSolve the question again:\n\n" + PROBLEM.question
+    expected = [
+        {"role": "user", "content": PROBLEM.question},
+        {"role": "assistant", "content": success},
+        {"role": "user", "content": "That answer is correct." + again},
+        {"role": "assistant", "content": failure},
+        {"role": "user", "content": "That answer is wrong. Avoid repeating this mistake." + again},
+    ]
+    assert list(t.prompt_ids) == chat_prompt_ids(tokenizer, expected)
+    # Each peer's tokens are followed by the template's end-of-turn token, as a response is.
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    ids = list(t.prompt_ids)
+    for peer in (success, failure):
+        peer_ids = tokenizer.encode(peer, add_special_tokens=False)
+        starts = [i for i in range(len(ids)) if ids[i : i + len(peer_ids)] == peer_ids]
+        assert any(ids[s + len(peer_ids)] == end for s in starts), peer
+    assert t.has_context and "[assistant]" in t.text

@@ -11,7 +11,9 @@ from mopd.core.prompts import (
     SlotCut,
     TeacherTemplates,
     fit_teacher_prompt,
+    peer_summary,
     render_teacher_prompt,
+    render_teacher_turns,
 )
 
 Q = "What is 2 + 3?"
@@ -21,7 +23,17 @@ F1 = "2 + 3 = 6."
 INSTRUCTION = "Correctly solve the original question."
 
 
-def words(text: str) -> int:
+def _single_turn(prompt: str | tuple[tuple[str, str], ...]) -> str:
+    """The text of a rendered single-turn prompt (counters receive turns)."""
+    if isinstance(prompt, str):
+        return prompt
+    assert len(prompt) == 1 and prompt[0][0] == "user", prompt
+    return prompt[0][1]
+
+
+def words(prompt: str | tuple[tuple[str, str], ...]) -> int:
+    """Word count of a text or of chat turns (the counter the fitting receives)."""
+    text = prompt if isinstance(prompt, str) else " ".join(c for _, c in prompt)
     return len(text.split())
 
 
@@ -248,7 +260,7 @@ class TestFitWordCounter:
     def test_number_of_token_counts_is_logarithmic_per_slot(self) -> None:
         calls = 0
 
-        def counting(text: str) -> int:
+        def counting(text: tuple[tuple[str, str], ...]) -> int:
             nonlocal calls
             calls += 1
             return words(text)
@@ -284,7 +296,8 @@ class TestFitWordCounter:
 class TestFitRealTokenizer:
     @staticmethod
     def chat_counter(tokenizer):
-        def count(text: str) -> int:
+        def count(prompt) -> int:
+            text = _single_turn(prompt)
             rendered = tokenizer.apply_chat_template(
                 [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
             )
@@ -293,8 +306,8 @@ class TestFitRealTokenizer:
         return count
 
     def test_cut_prompt_fits_and_keeps_question_and_instruction(self, tokenizer) -> None:
-        def count(text: str) -> int:
-            return len(tokenizer(text).input_ids)
+        def count(prompt) -> int:
+            return len(tokenizer(_single_turn(prompt)).input_ids)
 
         question = "Compute 17 * 23 and explain each step."
         s1 = "17 * 23 = 17 * 20 + 17 * 3 = 340 + 51 = 391. " * 20
@@ -341,3 +354,68 @@ class TestFitRealTokenizer:
         full = render_teacher_prompt(Q, [S1, S2], [F1])
         fitted = fit_teacher_prompt(Q, [S1, S2], [F1], count_tokens=count, max_tokens=count(full))
         assert fitted.text == full and not fitted.truncated and fitted.cuts == ()
+
+
+# ------------------------------------------------------------------------- layouts
+
+
+@pytest.mark.unit
+class TestLayouts:
+    def test_paper_layout_is_one_user_turn_with_the_paper_text(self) -> None:
+        turns = render_teacher_turns(Q, [S1, S2], [F1])
+        assert turns == (("user", render_teacher_prompt(Q, [S1, S2], [F1])),)
+
+    def test_multi_turn_layout_makes_each_peer_an_assistant_turn_with_its_verdict(self) -> None:
+        again = "\n\nSolve the question again:\n\n" + Q
+        turns = render_teacher_turns(Q, [S1, S2], [F1], layout="multi-turn")
+        assert turns == (
+            ("user", Q),
+            ("assistant", S1),
+            ("user", "That answer is correct." + again),
+            ("assistant", S2),
+            ("user", "That answer is correct." + again),
+            ("assistant", F1),
+            ("user", "That answer is wrong. Avoid repeating this mistake." + again),
+        )
+
+    def test_multi_turn_feedback_joins_the_last_verdict_and_plain_without_peers(self) -> None:
+        turns = render_teacher_turns(Q, [], [F1], "off by one", layout="multi-turn")
+        assert turns[-1] == (
+            "user",
+            "That answer is wrong. Avoid repeating this mistake.\n\n"
+            "Verifier feedback on an earlier attempt at this question:\n\noff by one"
+            "\n\nSolve the question again:\n\n" + Q,
+        )
+        assert render_teacher_turns(Q, [], [], layout="multi-turn") == (("user", Q),)
+        feedback_only = render_teacher_turns(Q, [], [], "fb", layout="multi-turn")
+        assert feedback_only == (("user", render_teacher_prompt(Q, [], [], "fb")),)
+
+    def test_summaries_use_the_summary_tag_or_the_first_300_characters(self) -> None:
+        tagged = "long work ... <summary> add the units digits </summary> done"
+        untagged = "x" * 400
+        assert peer_summary(tagged) == "add the units digits"
+        assert peer_summary(untagged) == "x" * 300
+        fitted = fit_teacher_prompt(
+            Q, [tagged], [untagged], count_tokens=words, max_tokens=10_000, layout="summaries"
+        )
+        assert fitted.text == (
+            Q + "\nSummary of a successful solution:\n\nadd the units digits\n"
+            "Summary of an unsuccessful solution:\n\n" + "x" * 300 + "\n\n" + INSTRUCTION
+        )
+
+    def test_multi_turn_fitting_shortens_peers_inside_their_turns(self) -> None:
+        failure = " ".join(f"f{i}" for i in range(200))
+        full = render_teacher_turns(Q, [S1], [failure], layout="multi-turn")
+        budget = words(full) - 50
+        fitted = fit_teacher_prompt(
+            Q, [S1], [failure], count_tokens=words, max_tokens=budget, layout="multi-turn"
+        )
+        assert fitted.fits and fitted.n_tokens == words(fitted.turns) <= budget
+        assert [c.kind for c in fitted.cuts] == ["failure"]
+        assert fitted.turns[1] == ("assistant", S1)
+        assert fitted.turns[3][1].endswith("[...]") and fitted.turns[3][0] == "assistant"
+        assert fitted.turns[-1][1].endswith(Q)
+
+    def test_unknown_layout_is_rejected(self) -> None:
+        with pytest.raises(ValueError, match="layout must be one of"):
+            render_teacher_turns(Q, [S1], [], layout="nope")

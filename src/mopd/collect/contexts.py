@@ -14,7 +14,7 @@ from typing import Any
 
 from mopd.core.peer_controls import control_shortfall_fraction
 from mopd.core.peers import PeerConfig, context_stats, select_peers_batch
-from mopd.core.prompts import TeacherTemplates, fit_teacher_prompt
+from mopd.core.prompts import TeacherTemplates, Turn, fit_teacher_prompt
 from mopd.types import PeerContext, Problem, Rollout, Verdict
 
 
@@ -39,29 +39,39 @@ def chat_prompt_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> li
     return list(out)
 
 
-def _with_question(problem: Problem, text: str) -> list[dict[str, str]]:
-    """The problem's messages with the last user message's content replaced by `text`."""
+def _with_turns(problem: Problem, turns: Sequence[Turn]) -> list[dict[str, str]]:
+    """The problem's messages with its last user message replaced by the teacher's turns."""
     messages = [dict(m) for m in problem.messages]
-    for message in reversed(messages):
-        if message.get("role") == "user":
-            message["content"] = text
-            return messages
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i].get("role") == "user":
+            teacher = [{"role": role, "content": content} for role, content in turns]
+            return [*messages[:i], *teacher, *messages[i + 1 :]]
     raise ValueError(f"problem {problem.id!r} has no user message")
 
 
-class _TokenCounter:
-    """Counts chat-templated prompt tokens: template overhead once, then the content alone.
+def _with_question(problem: Problem, text: str) -> list[dict[str, str]]:
+    """The problem's messages with the last user message's content replaced by `text`."""
+    return _with_turns(problem, [("user", text)])
 
-    Avoids re-rendering the template for every probe of the budget search; the content sits
-    between special tokens, so its tokenisation does not merge with the surroundings.
+
+class _TokenCounter:
+    """Counts chat-templated prompt tokens of teacher turns.
+
+    A single user turn: template overhead once, then the content alone, which avoids
+    re-rendering the template for every probe of the budget search (the content sits
+    between special tokens, so its tokenisation does not merge with the surroundings).
+    Several turns (multi-turn layout): the whole templated prompt.
     """
 
     def __init__(self, tokenizer: Any, problem: Problem) -> None:
-        self.tokenizer = tokenizer
+        self.tokenizer, self.problem = tokenizer, problem
         self.overhead = len(chat_prompt_ids(tokenizer, _with_question(problem, "")))
 
-    def __call__(self, text: str) -> int:
-        return self.overhead + len(self.tokenizer.encode(text, add_special_tokens=False))
+    def __call__(self, turns: Sequence[Turn]) -> int:
+        if len(turns) == 1 and turns[0][0] == "user":
+            text = turns[0][1]
+            return self.overhead + len(self.tokenizer.encode(text, add_special_tokens=False))
+        return len(chat_prompt_ids(self.tokenizer, _with_turns(self.problem, turns)))
 
 
 def build_teacher_inputs(
@@ -75,8 +85,10 @@ def build_teacher_inputs(
     max_prompt_tokens: int,
     use_context: bool,
     seed: int,
+    layout: str = "paper",
 ) -> list[list[TeacherInput]]:
-    """Teacher prompt ids for every rollout, grouped like `groups`.
+    """Teacher prompt ids for every rollout, grouped like `groups` (`layout`: see
+    `core.prompts`).
 
     With `use_context=False` (standard OPD) the teacher sees only the question and every
     rollout counts as having a context (it gets the loss).
@@ -118,9 +130,10 @@ def build_teacher_inputs(
                 count_tokens=counter,
                 max_tokens=max_prompt_tokens,
                 templates=templates,
+                layout=layout,
             )
             has_context = not ctx.is_empty and fitted.has_context
-            ids = tuple(chat_prompt_ids(tokenizer, _with_question(problem, fitted.text)))
+            ids = tuple(chat_prompt_ids(tokenizer, _with_turns(problem, fitted.turns)))
             row.append(TeacherInput(ids, ctx, has_context, fitted.truncated, fitted.text))
         result.append(row)
     return result

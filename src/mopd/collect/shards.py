@@ -132,6 +132,7 @@ def sample_local_shards(
                 max_prompt_tokens=config.teacher.max_prompt_tokens,
                 use_context=config.teacher.use_context,
                 seed=seed_s,
+                layout=config.teacher.layout,
             )
             out.teacher_inputs += inputs
             if config.teacher.use_context:
