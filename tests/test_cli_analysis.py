@@ -131,6 +131,25 @@ def test_analyze_rejects_an_unknown_condition_before_loading(capsys):
     assert "3S" in capsys.readouterr().err
 
 
+def test_analyze_rejects_an_unknown_layout_before_loading(capsys):
+    assert main(["analyze", "--model", "nowhere", "--layouts", "paper,chat"]) == 2
+    assert "--layouts" in capsys.readouterr().err
+
+
+def test_analyze_scores_conditions_in_several_layouts(tiny_model_dir, tmp_path):
+    out = tmp_path / "layouts"
+    args = ["analyze", "--model", str(tiny_model_dir), "--task", PARITY, "--n", "4"]
+    args += ["--max-prompts", "2", "--max-new-tokens", "4", "--n-boot", "20"]
+    args += ["--conditions", "base,2S1F", "--layouts", "paper,multi-turn", "--output-dir", str(out)]
+    assert main(args) == 0
+    summary = json.loads((out / "analysis.json").read_text())
+    assert list(summary["conditions"]) == ["base", "2S1F", "2S1F@multi-turn"]
+    assert summary["layouts"] == ["paper", "multi-turn"]
+    for cond in summary["conditions"].values():
+        assert {"p_eot_teacher", "p_eot_student", "entropy_gap", "gap_success"} <= set(cond)
+    assert "P(eot) teacher" in (out / "analysis.md").read_text()
+
+
 def test_eval_of_every_checkpoint_reports_pass_at_each_k(run_dir, tmp_path):
     output = tmp_path / "eval.json"
     code = main(

@@ -113,6 +113,11 @@ def _parser() -> argparse.ArgumentParser:
         help="read groups from a run's rollouts_full.jsonl / rollouts.jsonl instead of sampling",
     )
     an.add_argument("--conditions", default=",".join(_default_conditions()))
+    an.add_argument(
+        "--layouts",
+        default="paper",
+        help="teacher layouts to score each condition in, e.g. paper,multi-turn,summaries",
+    )
     an.add_argument("--control-base", default="2S1F", help="named context the controls match")
     an.add_argument("--policy", default="random", choices=["random", "first", "shortest"])
     an.add_argument("--n", type=int, default=8, help="rollouts per prompt (group size G)")
@@ -277,6 +282,7 @@ def _fmt(value: object) -> str:
 
 
 def _analyze(args: argparse.Namespace) -> int:
+    from mopd.core.prompts import LAYOUTS
     from mopd.evaluation.analysis import condition_config
 
     conditions = [c.strip() for c in args.conditions.split(",") if c.strip()]
@@ -285,6 +291,10 @@ def _analyze(args: argparse.Namespace) -> int:
             condition_config(c, control_base=args.control_base, policy=args.policy)
     except ValueError as exc:
         raise ConfigError(f"--conditions: {exc}") from exc
+    layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
+    unknown = [x for x in layouts if x not in LAYOUTS]
+    if unknown or not layouts:
+        raise ConfigError(f"--layouts: got {args.layouts!r}, expected some of {list(LAYOUTS)}")
     import torch
 
     from mopd.evaluation.analysis import (
@@ -338,6 +348,7 @@ def _analyze(args: argparse.Namespace) -> int:
         max_prompt_tokens=args.max_teacher_tokens,
         batch_size=args.batch_size,
         n_boot=args.n_boot,
+        layouts=layouts,
     )
     result.meta.update(
         model=args.model,

@@ -14,6 +14,7 @@ from mopd.core.losses import (
     aggregation_count,
     importance_weights,
     sampled_token_reverse_kl,
+    token_entropy,
     token_logprobs,
     topk_divergence,
 )
@@ -406,3 +407,13 @@ def test_aggregate_rejects_unknown_mode_bad_denominator_and_shape_mismatch():
         aggregate(LOSS, MASK, "token-mean", denominator=0)
     with pytest.raises(ValueError, match="same shape"):
         aggregate(LOSS, MASK[:, :2], "token-mean")
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_token_entropy_matches_the_definition_in_float64(temperature):
+    logits = _logits(2, 3, 11, seed=31)
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    expected = -(probs * probs.log()).sum(-1)
+    torch.testing.assert_close(token_entropy(logits, temperature).double(), expected)
+    uniform = torch.zeros(1, 1, 8)
+    torch.testing.assert_close(token_entropy(uniform), torch.tensor([[math.log(8)]]))

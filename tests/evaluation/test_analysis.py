@@ -186,3 +186,33 @@ def test_full_rollout_file_stops_growing_at_its_size_cap(tmp_path, capsys):
     assert capsys.readouterr().err.count("all_rollouts_max_mb") == 1
     lines = (tmp_path / FULL_ROLLOUTS_FILE).read_text().splitlines()
     assert [json.loads(line)["response_ids"] for line in lines] == [[1, 2], [3]]
+
+
+def test_diagnostics_per_condition_and_layout(tokenizer, tiny_model, two_groups):
+    problems, groups, verdicts = two_groups
+    result = analyze_groups(
+        tiny_model, tokenizer, problems, groups, verdicts, ["base", "1S1F"], policy="first",
+        n_boot=20, layouts=("paper", "multi-turn"),
+    )  # fmt: skip
+    assert [c.name for c in result.conditions] == ["base", "1S1F", "1S1F@multi-turn"]
+    base, paper, multi = (c.overview() for c in result.conditions)
+    # The base teacher is the student on its own prompt: no gap, the same end-of-turn mass.
+    assert base["entropy_gap"] == 0.0 and base["gap_success"] == 0.0
+    assert base["p_eot_teacher"] == base["p_eot_student"]
+    # Independent P(last token) of the two successes under each layout's teacher prompt.
+    for name, over in (("paper", paper), ("multi-turn", multi)):
+        config = condition_config("1S1F", policy="first")
+        inputs, _ = build_condition(
+            tokenizer, problems, groups, verdicts, config, seed=0, layout=name
+        )
+        probs = []
+        for i in (0, 1):  # the successes of group 0
+            prompt, response = inputs[0][i].prompt_ids, groups[0][i].response_ids
+            with torch.no_grad():
+                logits = tiny_model(torch.tensor([[*prompt, *response]])).logits[0]
+            probs.append(float(torch.softmax(logits[-2].double(), -1)[response[-1]]))
+        assert over["p_eot_teacher"] == pytest.approx(sum(probs) / 2, rel=1e-4)
+        assert over["p_eot_student"] == base["p_eot_student"]
+        gaps = result.conditions[1 if name == "paper" else 2].gaps
+        failures = [*gaps[0][2:], *gaps[1]]  # every failure of both groups
+        assert over["gap_failure"] == pytest.approx(sum(sum(g) / len(g) for g in failures) / 4)

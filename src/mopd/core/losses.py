@@ -169,6 +169,24 @@ def token_logprobs(logits_BTV: Tensor, ids_BT: Tensor, temperature: float = 1.0)
     return _gathered_log_probs(logits_BTV, ids_BT1, temperature, dtype).squeeze(-1)
 
 
+def token_entropy(logits_BTV: Tensor, temperature: float = 1.0) -> Tensor:
+    """Entropy (nats) of softmax(logits / temperature) at every position, no grad.  # (B, T)
+
+    ``logsumexp(l) - sum softmax(l) * l``, row chunk by row chunk in float32 (or float64).
+    """
+    _check_temperature(temperature)
+    dtype = _compute_dtype(logits_BTV)
+    with torch.no_grad():
+        logits_NV = logits_BTV.flatten(0, -2)
+        out_N = logits_NV.new_empty(logits_NV.shape[0], dtype=dtype)
+        n_rows, n_vocab = logits_NV.shape
+        for rows in _row_chunks(n_rows, n_vocab, torch.finfo(dtype).bits // 8):
+            scaled_nV = logits_NV[rows].to(dtype) / temperature
+            logp_nV = torch.log_softmax(scaled_nV, dim=-1)
+            out_N[rows] = -(logp_nV.exp() * logp_nV).sum(dim=-1)
+        return out_N.view(logits_BTV.shape[:-1])
+
+
 def _append_tail(logp_BTK: Tensor) -> Tensor:
     """Append log(1 - sum exp(logp)) as bucket k+1.  # (B, T, K+1)"""
     log_mass_BT1 = torch.logsumexp(logp_BTK, dim=-1, keepdim=True).clamp(max=_MAX_LOG_TOPK_MASS)

@@ -12,6 +12,14 @@ rollout's response tokens:
 - ``score_sum``: the summed log-prob;
 - ``gap``: per-token teacher-minus-student log-prob, the student reading the plain prompt.
 
+Next to the ranking metrics, diagnostics that say whether a context would mislead the
+student if it were distilled: P(end-of-turn) at the last token of complete successes
+(teacher vs. student: a teacher that lowers it teaches the student to run on), the mean
+teacher-minus-student entropy per token, and the mean log-prob gap on successes and on
+failures (a good context raises successes relative to failures). Conditions can be
+scored under several teacher layouts (`core.prompts`); ``2S1F@multi-turn`` names the
+2S1F condition in the multi-turn layout, a bare name the paper layout.
+
 The per-prompt ranking metrics and their prompt-level bootstrap CIs come from
 :mod:`mopd.evaluation.signal`. A condition may not be fully buildable for a rollout (a
 success with no other success has no 2S context): such a rollout is scored with the
@@ -27,6 +35,7 @@ empty contexts reuse the student's forward when the teacher is the student itsel
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,7 +46,7 @@ import torch
 
 from mopd.collect.contexts import TeacherInput, build_teacher_inputs, chat_prompt_ids
 from mopd.collect.sampling import regroup, sample_and_verify_groups
-from mopd.core.losses import token_logprobs
+from mopd.core.losses import token_entropy, token_logprobs
 from mopd.core.peers import CONTROLS, NAMED_CONTEXTS, PeerConfig
 from mopd.core.prompts import TeacherTemplates
 from mopd.evaluation.signal import SIGNAL_METRICS, MetricSummary, summarize_signal
@@ -79,6 +88,7 @@ def build_condition(
     seed: int,
     max_prompt_tokens: int = 4096,
     templates: TeacherTemplates | None = None,
+    layout: str = "paper",
 ) -> tuple[list[list[TeacherInput]], list[list[bool]]]:
     """Teacher inputs of every rollout under `config`, and whether each context was fully built."""
     inputs = build_teacher_inputs(
@@ -91,30 +101,43 @@ def build_condition(
         max_prompt_tokens=max_prompt_tokens,
         use_context=True,
         seed=seed,
+        layout=layout,
     )
     built = [[is_built(t.context, config) for t in row] for row in inputs]
     return inputs, built
 
 
+@dataclass(frozen=True)
+class _Scored:
+    logp: list[float]  # per response token
+    entropy: list[float]  # of the next-token distribution at each response position
+
+
 class _Scorer:
-    """Per-token log-probs of responses under one model, batched, with a (prompt, response) cache."""
+    """Per-token log-probs and entropies of responses under one model, batched, cached by
+    (prompt, response)."""
 
     def __init__(self, model: Any, pad_id: int, batch_size: int) -> None:
         self.model, self.pad_id, self.batch_size = model, pad_id, batch_size
-        self.cache: dict[tuple[tuple[int, ...], tuple[int, ...]], list[float]] = {}
+        self.cache: dict[tuple[tuple[int, ...], tuple[int, ...]], _Scored] = {}
 
     @torch.no_grad()
     def __call__(
         self, prompts: Sequence[tuple[int, ...]], responses: Sequence[tuple[int, ...]]
-    ) -> list[list[float]]:
+    ) -> list[_Scored]:
         keys = list(zip(prompts, responses, strict=True))
         todo = list(dict.fromkeys(k for k in keys if k not in self.cache))
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start : start + self.batch_size]
             batch = build_scoring_batch([p for p, _ in chunk], [r for _, r in chunk], self.pad_id)
-            logp_BR = token_logprobs(response_logits(self.model, batch), batch.response_ids)
+            logits_BRV = response_logits(self.model, batch)
+            logp_BR = token_logprobs(logits_BRV, batch.response_ids)
+            entropy_BR = token_entropy(logits_BRV)
             for row, key in enumerate(chunk):
-                self.cache[key] = logp_BR[row, : len(key[1])].double().tolist()
+                n = len(key[1])
+                self.cache[key] = _Scored(
+                    logp_BR[row, :n].double().tolist(), entropy_BR[row, :n].double().tolist()
+                )
         return [self.cache[k] for k in keys]
 
 
@@ -129,6 +152,7 @@ class ConditionResult:
     built: list[list[bool]]  # (P, G)
     prompt_tokens: list[list[int]]  # (P, G)
     seconds: float
+    diagnostics: dict[str, float] = field(default_factory=dict)  # see `_diagnostics`
     summary: dict[str, dict[str, MetricSummary]] = field(default_factory=dict)
 
     def overview(self) -> dict[str, float]:
@@ -139,6 +163,7 @@ class ConditionResult:
             "prompt_tokens_mean": sum(flat_tokens) / len(flat_tokens),
             "prompt_tokens_max": float(max(flat_tokens)),
             "seconds": self.seconds,
+            **self.diagnostics,
         }
 
 
@@ -152,6 +177,41 @@ class AnalysisResult:
 
 def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
+
+
+DIAGNOSTICS = ("p_eot_teacher", "p_eot_student", "entropy_gap", "gap_success", "gap_failure")
+
+
+def _diagnostics(
+    teacher: Sequence[_Scored],
+    student: Sequence[_Scored],
+    rollouts: Sequence[Rollout],
+    success: Sequence[bool],
+) -> dict[str, float]:
+    """Would this context mislead the student? (module docstring) Means over rollouts.
+
+    P(end-of-turn): probability of the last token of complete (not truncated) successes,
+    which is the end-of-turn token the engine stopped at.
+    """
+    complete = [
+        i for i, r in enumerate(rollouts) if success[i] and not r.truncated and r.response_ids
+    ]
+    gaps = [
+        _mean([a - b for a, b in zip(t.logp, s.logp, strict=True)])
+        for t, s in zip(teacher, student, strict=True)
+    ]
+    entropy = [
+        _mean([a - b for a, b in zip(t.entropy, s.entropy, strict=True)])
+        for t, s in zip(teacher, student, strict=True)
+    ]
+    scored = [i for i, r in enumerate(rollouts) if r.response_ids]
+    return {
+        "p_eot_teacher": _mean([math.exp(teacher[i].logp[-1]) for i in complete]),
+        "p_eot_student": _mean([math.exp(student[i].logp[-1]) for i in complete]),
+        "entropy_gap": _mean([entropy[i] for i in scored]),
+        "gap_success": _mean([gaps[i] for i in scored if success[i]]),
+        "gap_failure": _mean([gaps[i] for i in scored if not success[i]]),
+    }
 
 
 def analyze_groups(
@@ -171,14 +231,22 @@ def analyze_groups(
     templates: TeacherTemplates | None = None,
     batch_size: int = 8,
     n_boot: int = 1000,
+    layouts: Sequence[str] = ("paper",),
 ) -> AnalysisResult:
-    """Score every rollout under every condition and summarise (module docstring).
+    """Score every rollout under every condition and layout and summarise (module docstring).
 
     `model` is the student (plain prompt, for the gap); `teacher` defaults to `model`.
+    The base condition (no peers) is scored once, whatever the layouts.
     """
+    runs = [
+        (c if layout == "paper" else f"{c}@{layout}", c, layout)
+        for layout in layouts
+        for c in conditions
+        if layout == layouts[0] or c.lower() != "base"
+    ]
     configs = [
         condition_config(c, control_base=control_base, policy=policy, threshold=threshold)
-        for c in conditions
+        for _, c, _ in runs
     ]
     pad = tokenizer.pad_token_id
     student = _Scorer(model, pad, batch_size)
@@ -186,10 +254,13 @@ def analyze_groups(
     plain = [tuple(chat_prompt_ids(tokenizer, p.messages)) for p in problems]
     shape = [len(g) for g in groups]
     responses = [r.response_ids for g in groups for r in g]
-    student_logp = student([plain[u] for u, n in enumerate(shape) for _ in range(n)], responses)
+    student_scored = student([plain[u] for u, n in enumerate(shape) for _ in range(n)], responses)
+    student_logp = [x.logp for x in student_scored]
     rewards = [[v.reward for v in row] for row in verdicts]
+    flat_rollouts = [r for g in groups for r in g]
+    flat_success = [x >= threshold for row in rewards for x in row]
     results = []
-    for name, config in zip(conditions, configs, strict=True):
+    for (name, _, layout), config in zip(runs, configs, strict=True):
         t0 = time.perf_counter()
         inputs, built = build_condition(
             tokenizer,
@@ -200,9 +271,11 @@ def analyze_groups(
             seed=seed,
             max_prompt_tokens=max_prompt_tokens,
             templates=templates,
+            layout=layout,
         )
         prompts = [t.prompt_ids for row in inputs for t in row]
-        teacher_logp = scorer(prompts, responses)
+        teacher_scored = scorer(prompts, responses)
+        teacher_logp = [x.logp for x in teacher_scored]
         seconds = time.perf_counter() - t0
         flat_scores = [_mean(lp) for lp in teacher_logp]
         flat_gaps = [
@@ -217,6 +290,7 @@ def analyze_groups(
             built=built,
             prompt_tokens=[[len(t.prompt_ids) for t in row] for row in inputs],
             seconds=seconds,
+            diagnostics=_diagnostics(teacher_scored, student_scored, flat_rollouts, flat_success),
         )
         # Empty responses have no score: leave them out of the ranking.
         pairs = [
@@ -235,6 +309,7 @@ def analyze_groups(
         "control_base": control_base,
         "policy": policy,
         "seed": seed,
+        "layouts": list(layouts),
         "n_both_present": sum(1 for r_G in rewards if len({x >= threshold for x in r_G}) == 2),
     }
     return AnalysisResult(list(problems), rewards, results, meta)
@@ -304,12 +379,24 @@ def signal_rows(result: AnalysisResult, subset: str = "both_present") -> list[li
         for metric in SIGNAL_METRICS:
             s = cond.summary[subset][metric]
             cells.append("n/a" if s.n_prompts == 0 else f"{s.mean:.3f} [{s.low:.3f}, {s.high:.3f}]")
+        cells += [f"{over[name]:.3f}" for name in DIAGNOSTICS]
         cells += [f"{over['prompt_tokens_mean']:.0f}", f"{over['seconds']:.2f}"]
         rows.append(cells)
     return rows
 
 
-SIGNAL_HEADERS = ("condition", "built", *SIGNAL_METRICS, "teacher prompt tokens", "time (s)")
+SIGNAL_HEADERS = (
+    "condition",
+    "built",
+    *SIGNAL_METRICS,
+    "P(eot) teacher",
+    "P(eot) student",
+    "entropy gap",
+    "gap success",
+    "gap failure",
+    "teacher prompt tokens",
+    "time (s)",
+)
 
 
 def result_json(result: AnalysisResult) -> dict[str, Any]:
