@@ -178,6 +178,9 @@ class LossConfig:
     add_tail: bool = True
     alpha: float = 0.5  # 0 forward KL, 1 reverse KL, between: generalised JSD
     estimator: str = "topk"  # "topk" (top-k/full divergence) or "sampled-token" (reverse KL only)
+    # Student and teacher logits are divided by this before the divergence; null = the
+    # rollout temperature (the distribution the rollouts were sampled from).
+    temperature: float | None = None
     aggregation: str = "token-mean"
     is_clip: float | None = None  # truncated importance weight cap; None = off
     clip_low: float = 0.2
@@ -191,6 +194,11 @@ class LossConfig:
     def __post_init__(self) -> None:
         _one_of(self.kind, "loss.kind", loss_kinds())
         _check(self.topk is None or self.topk >= 1, "loss.topk", "must be >= 1 or null")
+        _check(
+            self.temperature is None or self.temperature > 0,
+            "loss.temperature",
+            "must be > 0 or null (the rollout temperature)",
+        )
         _check(0 <= self.alpha <= 1, "loss.alpha", "must be in [0, 1]")
         _one_of(self.estimator, "loss.estimator", ("topk", "sampled-token"))
         _check(

@@ -11,7 +11,7 @@ from conftest import make_tiny_model
 from mopd.collect.shards import sample_local_shards
 from mopd.config import load_config
 from mopd.models.teachers import ExternalTeacher
-from mopd.objectives import REGISTRY, Scorers, StepBatch, assemble_batch, build_objective
+from mopd.objectives import REGISTRY, Scorers, StepBatch, StepLog, assemble_batch, build_objective
 from mopd.rollout.hf import HFRolloutEngine
 from mopd.training.step import run_objective
 from tasks_for_tests import ParityTask
@@ -119,3 +119,25 @@ def test_every_registered_objective_declares_its_needs():
     assert REGISTRY["distill"].needs_teacher and REGISTRY["grpo+distill"].needs_teacher
     assert REGISTRY["dpo"].needs_reference and not REGISTRY["simpo"].needs_reference
     assert not StepBatch((), 0).groups
+
+
+def test_distillation_runs_at_the_rollout_temperature_unless_set(setting):
+    from mopd.core.losses import aggregate, topk_divergence
+    from mopd.objectives import StudentForward
+    from mopd.objectives.distill import loss_temperature
+
+    assert loss_temperature(_config()) == 0.7
+    assert loss_temperature(_config("loss.temperature=1.0")) == 1.0
+    student, teacher, tokenizer, batch = setting
+    rows = batch.with_context[:4]
+    for temp in (0.7, 1.0):
+        objective = build_objective(_config(f"loss.temperature={temp}"))
+        norms = objective.normalisers(batch)
+        scorers = Scorers(student, tokenizer.pad_token_id, teacher=teacher)
+        forward = StudentForward.run(rows, scorers, objective.teacher_rows(rows))
+        got = objective.loss(forward, norms, scorers, StepLog(losses={"distill": 0.0}))
+        # Independently: both sides' logits divided by T, then the paper's divergence.
+        s, t = forward.logits_BRV.detach() / temp, forward.teacher_BRV / temp
+        per_tok = topk_divergence(s, t, k=100, alpha=0.5, add_tail=True)
+        expected = aggregate(per_tok, forward.mask_BR, "token-mean", denominator=norms["distill"])
+        torch.testing.assert_close(got.detach(), expected, rtol=1e-5, atol=1e-8)

@@ -43,15 +43,19 @@ def distill_token_loss(
     k: int | None,
     alpha: float,
     add_tail: bool,
+    temperature: float = 1.0,
 ) -> Tensor:
     """Per-token divergence between student and teacher at the response tokens.  # (B, R)
 
-    ``topk``: :func:`topk_divergence` of the logits (the paper's estimator);
+    ``topk``: :func:`topk_divergence` of ``logits / temperature`` (the paper's estimator);
     ``sampled-token``: the single-sample reverse-KL estimator from the log-probs of the
-    sampled tokens (``alpha`` must be 1). Only the student side receives gradient.
+    sampled tokens, which the caller computed at the same temperature (``alpha`` must be
+    1). Only the student side receives gradient.
     """
     if estimator == "topk":
-        return topk_divergence(student_BRV, teacher_BRV, k=k, alpha=alpha, add_tail=add_tail)
+        return topk_divergence(
+            student_BRV, teacher_BRV, k=k, alpha=alpha, add_tail=add_tail, temperature=temperature
+        )
     if estimator == "sampled-token":
         if alpha != 1.0:
             raise ValueError("the sampled-token estimator is reverse KL only: alpha must be 1")

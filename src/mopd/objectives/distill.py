@@ -33,14 +33,24 @@ def distill_normalisers(config: Config, batch: StepBatch) -> dict[str, float]:
     return {ROWS: len(rows), DENOM: aggregation_count([r.tokens for r in rows], mode)}
 
 
+def loss_temperature(config: Config) -> float:
+    """T of the distillation loss: ``loss.temperature``, else the rollout temperature."""
+    t = config.loss.temperature
+    return config.rollout.temperature if t is None else t
+
+
 def distill_term(
     config: Config, forward: StudentForward, norms: Mapping[str, float], log: StepLog
 ) -> Tensor:
-    """The distillation loss of the forward's rows the teacher scored."""
+    """The distillation loss of the forward's rows the teacher scored, at `loss_temperature`."""
     loss_cfg = config.loss
+    temp = loss_temperature(config)
     rows: Sequence[Row] = forward.rows
     s_BRV, mask_BR = forward.logits_BRV, forward.mask_BR
-    ids_BR, s_logp_BR = forward.batch.response_ids, forward.logprobs()
+    ids_BR = forward.batch.response_ids
+    # With gradient only where the estimator needs it (else: the gap metric alone).
+    sampled = loss_cfg.estimator == "sampled-token"
+    s_logp_BR = forward.logprobs(temp) if sampled else forward.sampling_logprobs(temp)
     samp_BR = forward.sampling_logprobs(config.rollout.temperature)
     old_BR = forward.old_logprobs()
     index, t_BRV = forward.teacher_index, forward.teacher_BRV
@@ -50,7 +60,7 @@ def distill_term(
         rows = [rows[i] for i in index]
         s_BRV, mask_BR, ids_BR = s_BRV[index], mask_BR[index], ids_BR[index]
         s_logp_BR, samp_BR, old_BR = s_logp_BR[index], samp_BR[index], old_BR[index]
-    t_logp_BR = token_logprobs(t_BRV, ids_BR)
+    t_logp_BR = token_logprobs(t_BRV, ids_BR, temperature=temp)
     per_tok_BR = distill_token_loss(
         s_BRV,
         t_BRV,
@@ -60,6 +70,7 @@ def distill_term(
         k=loss_cfg.topk,
         alpha=loss_cfg.alpha,
         add_tail=loss_cfg.add_tail,
+        temperature=temp,
     )
     per_tok_BR = importance_weighted(per_tok_BR, samp_BR, old_BR, loss_cfg.is_clip)
     loss = aggregate(per_tok_BR, mask_BR, loss_cfg.aggregation, denominator=norms[DENOM])

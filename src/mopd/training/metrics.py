@@ -94,6 +94,7 @@ def step_metrics(
         "rollout/truncated_fraction": tot["truncated"] / n_rows,
         "optim/grad_norm": grad_norm,
         "optim/lr": lr,
+        "optim/skipped": float(not math.isfinite(grad_norm)),  # no step on a bad gradient
         "perf/tokens_per_s": tot["tokens"] / max(times["generate"], 1e-9),
     }
     metrics.update({k: v for k, v in tot.items() if k.startswith("loss/")})

@@ -18,6 +18,7 @@ holds this process's groups only.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -112,17 +113,23 @@ def update(
     *,
     grad_clip: float,
 ) -> tuple[float, float]:
-    """Sum gradients over processes, clip, step; the teacher follows. -> (grad norm, lr)"""
+    """Sum gradients over processes, clip, step; the teacher follows. -> (grad norm, lr)
+
+    A non-finite gradient norm skips the optimizer step and the teacher update (the
+    weights stay as they were; the learning-rate schedule still advances): one bad batch
+    must not turn the weights into NaN.
+    """
     dist.sum_gradients(student.parameters())
-    grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip))
     lr = optimizer.param_groups[0]["lr"]
-    optimizer.step()
+    if math.isfinite(grad_norm):
+        optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     student.eval()
-    if teacher is not None:
+    if teacher is not None and math.isfinite(grad_norm):
         teacher.update(student)
-    return float(grad_norm), float(lr)
+    return grad_norm, float(lr)
 
 
 def _output(sampled: ShardSamples, batch: StepBatch, log: StepLog) -> StepOutput:
