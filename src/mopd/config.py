@@ -190,6 +190,10 @@ class LossConfig:
     simpo_beta: float = 2.0
     simpo_gamma: float = 0.5
     grpo_mix: float = 0.0  # lambda of (1-lambda)·GRPO + lambda·distill (kind=grpo+distill)
+    credit_clip: float = 0.2  # signed-credit: teacher/student ratio clipped to 1 +- this
+    contrast_tau: float = 0.02  # contrastive-credit: bonus = scale * tanh(e / tau)
+    contrast_scale: float = 0.5
+    contrast_threshold: float = 0.02  # bonuses this small are dropped
 
     def __post_init__(self) -> None:
         _one_of(self.kind, "loss.kind", loss_kinds())
@@ -215,6 +219,10 @@ class LossConfig:
         _check(0 <= self.clip_low < 1, "loss.clip_low", "must be in [0, 1)")
         _check(self.clip_high >= 0, "loss.clip_high", "must be >= 0")
         _check(0 <= self.grpo_mix <= 1, "loss.grpo_mix", "must be in [0, 1]")
+        _check(0 <= self.credit_clip < 1, "loss.credit_clip", "must be in [0, 1)")
+        _check(self.contrast_tau > 0, "loss.contrast_tau", "must be > 0")
+        _check(self.contrast_scale >= 0, "loss.contrast_scale", "must be >= 0")
+        _check(self.contrast_threshold >= 0, "loss.contrast_threshold", "must be >= 0")
 
 
 @dataclass

@@ -122,3 +122,29 @@ def test_multi_turn_layout_closes_every_peer_with_the_end_of_turn_token(tokenize
         starts = [i for i in range(len(ids)) if ids[i : i + len(peer_ids)] == peer_ids]
         assert any(ids[s + len(peer_ids)] == end for s in starts), peer
     assert t.has_context and "[assistant]" in t.text
+
+
+def test_contrast_prompts_show_one_peer_each_under_the_same_header(tokenizer):
+    texts = ["5", "six", "5!", "4"]
+    rollouts, verdicts = _group(texts, [1, 0, 1, 0])
+    inputs = build_teacher_inputs(
+        tokenizer, [PROBLEM], [rollouts], [verdicts], peers=PeerConfig.named("2S1F"),
+        templates=DEFAULT_TEMPLATES, max_prompt_tokens=2048, use_context=True, seed=0,
+        contrast=True,
+    )[0]  # fmt: skip
+    for t in inputs:
+        ctx = t.context
+        if not (ctx.successes and ctx.failures):
+            assert t.contrast_ids is None
+            continue
+        assert t.contrast_ids is not None
+        for ids, peer in zip(t.contrast_ids, (ctx.successes[0], ctx.failures[0]), strict=True):
+            text = render_teacher_prompt(PROBLEM.question, [texts[peer]], [])
+            messages = [{"role": "user", "content": text}]
+            assert list(ids) == chat_prompt_ids(tokenizer, messages)
+    assert any(t.contrast_ids for t in inputs)
+    plain = build_teacher_inputs(
+        tokenizer, [PROBLEM], [rollouts], [verdicts], peers=PeerConfig.named("2S1F"),
+        templates=DEFAULT_TEMPLATES, max_prompt_tokens=2048, use_context=True, seed=0,
+    )[0]  # fmt: skip
+    assert all(t.contrast_ids is None for t in plain)

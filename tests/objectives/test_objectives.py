@@ -43,8 +43,9 @@ def setting(tokenizer):
     task = ParityTask()
     engine = HFRolloutEngine(student, tokenizer, batch_size=64)
     sampled = sample_local_shards(
-        cfg, engine, tokenizer, task, task.train_problems()[:3], seed=5, teacher_inputs=True
-    )
+        cfg, engine, tokenizer, task, task.train_problems()[:3], seed=5, teacher_inputs=True,
+        contrast=True,
+    )  # fmt: skip
     batch = assemble_batch(
         sampled.prompt_ids,
         sampled.groups,
@@ -134,10 +135,53 @@ def test_distillation_runs_at_the_rollout_temperature_unless_set(setting):
         objective = build_objective(_config(f"loss.temperature={temp}"))
         norms = objective.normalisers(batch)
         scorers = Scorers(student, tokenizer.pad_token_id, teacher=teacher)
-        forward = StudentForward.run(rows, scorers, objective.teacher_rows(rows))
+        forward = StudentForward.run(rows, scorers, objective.teacher_requests(rows))
         got = objective.loss(forward, norms, scorers, StepLog(losses={"distill": 0.0}))
         # Independently: both sides' logits divided by T, then the paper's divergence.
         s, t = forward.logits_BRV.detach() / temp, forward.teacher_BRV / temp
         per_tok = topk_divergence(s, t, k=100, alpha=0.5, add_tail=True)
         expected = aggregate(per_tok, forward.mask_BR, "token-mean", denominator=norms["distill"])
         torch.testing.assert_close(got.detach(), expected, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("loss.kind=signed-credit", "loss.credit_clip=0"),
+        ("loss.kind=contrastive-credit", "loss.contrast_scale=0"),
+    ],
+)
+def test_credit_objectives_without_credit_are_grpo(setting, overrides):
+    g_grpo, l_grpo = _gradient(setting, "loss.kind=grpo")
+    g_credit, l_credit = _gradient(setting, *overrides)
+    torch.testing.assert_close(g_credit, g_grpo, rtol=1e-5, atol=1e-8)
+    kind = overrides[0].split("=")[1]
+    assert l_credit[kind] == pytest.approx(l_grpo["grpo"], rel=1e-5, abs=1e-9)
+
+
+def test_credit_advantages_keep_the_verifiers_sign_and_use_the_teacher(setting):
+    from mopd.objectives import StudentForward
+
+    student, teacher, tokenizer, batch = setting
+    scorers = Scorers(student, tokenizer.pad_token_id, teacher=teacher)
+    for kind in ("signed-credit", "contrastive-credit"):
+        objective = build_objective(_config(f"loss.kind={kind}"))
+        rows = objective.rows(batch)
+        requests = objective.teacher_requests(rows)
+        assert requests, kind
+        forward = StudentForward.run(rows, scorers, requests)
+        adv_BR = objective.token_advantages(forward)  # type: ignore[attr-defined]
+        adv_B1 = torch.tensor([[r.advantage] for r in rows])
+        valid = forward.mask_BR != 0
+        assert ((adv_BR * adv_B1)[valid] >= 0).all(), kind  # never the opposite sign
+        assert not torch.allclose(adv_BR[valid], adv_B1.expand_as(adv_BR)[valid]), kind
+        if kind == "contrastive-credit":  # two prompts per contrasted row, one teacher call
+            assert [i for i, _ in requests][0::2] == [i for i, _ in requests][1::2]
+
+
+def test_distill_failures_trains_failed_rows_with_a_context_only(setting):
+    *_, batch = setting
+    objective = build_objective(_config("loss.kind=distill-failures"))
+    trained = [r for chunk in objective.micro_batches(batch, {"distill/rows": 1}) for r in chunk]
+    assert trained and all(not r.success and r.has_context for r in trained)
+    assert objective.normalisers(batch)["distill"] == sum(r.tokens for r in trained)

@@ -8,6 +8,7 @@ with the generation prompt, so teacher and student read the same conversation fo
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -27,6 +28,9 @@ class TeacherInput:
     has_context: bool  # False: plain question, the rollout gets no distillation loss
     truncated: bool  # peers were shortened to fit the token budget
     text: str
+    # Contrastive credit: the teacher prompt with ONE success peer, and the same prompt with
+    # one failed peer in its place (shown as a success); None without both peers.
+    contrast_ids: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
 
 def chat_prompt_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[int]:
@@ -74,6 +78,29 @@ class _TokenCounter:
         return len(chat_prompt_ids(self.tokenizer, _with_turns(self.problem, turns)))
 
 
+def _one_peer_ids(
+    tokenizer: Any,
+    problem: Problem,
+    counter: _TokenCounter,
+    max_tokens: int,
+    templates: TeacherTemplates,
+    layout: str,
+    peer: str,
+) -> tuple[int, ...]:
+    """Teacher prompt ids showing `peer` alone, under the success header."""
+    fitted = fit_teacher_prompt(
+        problem.question,
+        [peer],
+        [],
+        None,
+        count_tokens=counter,
+        max_tokens=max_tokens,
+        templates=templates,
+        layout=layout,
+    )
+    return tuple(chat_prompt_ids(tokenizer, _with_turns(problem, fitted.turns)))
+
+
 def build_teacher_inputs(
     tokenizer: Any,
     problems: Sequence[Problem],
@@ -86,9 +113,11 @@ def build_teacher_inputs(
     use_context: bool,
     seed: int,
     layout: str = "paper",
+    contrast: bool = False,
 ) -> list[list[TeacherInput]]:
     """Teacher prompt ids for every rollout, grouped like `groups` (`layout`: see
-    `core.prompts`).
+    `core.prompts`). `contrast`: also the two one-peer prompts of `TeacherInput.contrast_ids`
+    (the context's first success and first failure, each under the success header).
 
     With `use_context=False` (standard OPD) the teacher sees only the question and every
     rollout counts as having a context (it gets the loss).
@@ -134,7 +163,13 @@ def build_teacher_inputs(
             )
             has_context = not ctx.is_empty and fitted.has_context
             ids = tuple(chat_prompt_ids(tokenizer, _with_turns(problem, fitted.turns)))
-            row.append(TeacherInput(ids, ctx, has_context, fitted.truncated, fitted.text))
+            pair = None
+            if contrast and successes and failures:  # the same form: only correctness differs
+                one_peer = functools.partial(
+                    _one_peer_ids, tokenizer, problem, counter, max_prompt_tokens, templates, layout
+                )
+                pair = (one_peer(successes[0]), one_peer(failures[0]))
+            row.append(TeacherInput(ids, ctx, has_context, fitted.truncated, fitted.text, pair))
         result.append(row)
     return result
 

@@ -96,10 +96,12 @@ def sample_local_shards(
     rank: int = 0,
     world_size: int = 1,
     teacher_inputs: bool = True,
+    contrast: bool = False,
 ) -> ShardSamples:
     """Steps 1-4 of method.md for this rank's shards of the step's `problems`.
 
-    `teacher_inputs`: build peer contexts and teacher prompts (objectives that distil).
+    `teacher_inputs`: build peer contexts and teacher prompts (objectives that distil);
+    `contrast`: also each rollout's one-success and one-failure prompts.
     """
     params = SamplingParams(
         temperature=config.rollout.temperature,
@@ -133,6 +135,7 @@ def sample_local_shards(
                 use_context=config.teacher.use_context,
                 seed=seed_s,
                 layout=config.teacher.layout,
+                contrast=contrast,
             )
             out.teacher_inputs += inputs
             if config.teacher.use_context:

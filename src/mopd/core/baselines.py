@@ -64,7 +64,7 @@ def grpo_loss(
     aggregation: str = "token-mean",
     denominator: float | Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """PPO-clip surrogate with one advantage per rollout, negated for minimisation.
+    """PPO-clip surrogate with one advantage per rollout (or per token), negated for minimisation.
 
     Per token: ``-min(r A, clip(r, 1 - clip_low, 1 + clip_high) A)`` with
     ``r = exp(logp - logp_old)`` (``logp_old`` detached), then :func:`aggregate`
@@ -78,10 +78,10 @@ def grpo_loss(
             "logp_BT, logp_old_BT and mask_BT must share one [B, T] shape, got "
             f"{tuple(logp_BT.shape)}, {tuple(logp_old_BT.shape)}, {tuple(mask_BT.shape)}"
         )
-    if advantages_B.shape != logp_BT.shape[:1]:
+    if advantages_B.shape not in (logp_BT.shape[:1], logp_BT.shape):
         raise ValueError(
-            f"advantages_B must have shape [B] = {tuple(logp_BT.shape[:1])}, "
-            f"got {tuple(advantages_B.shape)}"
+            f"advantages_B must have shape [B] = {tuple(logp_BT.shape[:1])} (one per rollout) "
+            f"or [B, T] (one per token), got {tuple(advantages_B.shape)}"
         )
     if not 0.0 <= clip_low < 1.0:
         raise ValueError(f"clip_low must be in [0, 1), got {clip_low!r}")
@@ -90,7 +90,8 @@ def grpo_loss(
 
     log_ratio_BT = (logp_BT - logp_old_BT.detach()).clamp(-_MAX_ABS_LOG_RATIO, _MAX_ABS_LOG_RATIO)
     ratio_BT = log_ratio_BT.exp()
-    adv_B1 = advantages_B.detach().unsqueeze(-1)
+    adv = advantages_B.detach()
+    adv_B1 = adv.unsqueeze(-1) if adv.ndim == 1 else adv  # or per token: (B, T)
     unclipped_BT = -adv_B1 * ratio_BT
     clipped_BT = -adv_B1 * ratio_BT.clamp(1.0 - clip_low, 1.0 + clip_high)
     loss = aggregate(

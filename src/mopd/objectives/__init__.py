@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 from mopd.config import ConfigError
 from mopd.objectives.base import Objective, StepLog
 from mopd.objectives.batch import Row, Scorers, StepBatch, StudentForward, assemble_batch
-from mopd.objectives.distill import Distill
+from mopd.objectives.credit import ContrastiveCredit, SignedCredit
+from mopd.objectives.distill import Distill, DistillFailures
 from mopd.objectives.dpo import Dpo
 from mopd.objectives.grpo import Grpo
 from mopd.objectives.grpo_distill import GrpoDistill
@@ -25,6 +26,9 @@ if TYPE_CHECKING:
 
 REGISTRY: dict[str, type[Objective]] = {
     "distill": Distill,
+    "distill-failures": DistillFailures,
+    "signed-credit": SignedCredit,
+    "contrastive-credit": ContrastiveCredit,
     "grpo": Grpo,
     "grpo+distill": GrpoDistill,
     "sft": Sft,

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, ClassVar
 from torch import Tensor
 
 from mopd.config import ConfigError
-from mopd.objectives.batch import Row, Scorers, StepBatch, StudentForward
+from mopd.objectives.batch import Row, Scorers, StepBatch, StudentForward, TeacherRequest
 
 if TYPE_CHECKING:
     from mopd.config import Config
@@ -60,6 +60,7 @@ class Objective(ABC):
     name: ClassVar[str]
     needs_teacher: ClassVar[bool] = False  # build teacher inputs and a teacher model
     needs_reference: ClassVar[bool] = False  # build a frozen copy of the initial student
+    needs_contrast: ClassVar[bool] = False  # teacher inputs with one-success/one-failure prompts
     min_group_size: ClassVar[int] = 1  # rollout.n below this trains nothing
     reports: ClassVar[tuple[str, ...]] = ()  # ratio metrics it fills in the StepLog
 
@@ -101,8 +102,9 @@ class Objective(ABC):
         size = self.config.train.micro_batch_size
         return [rows[i : i + size] for i in range(0, len(rows), size)]
 
-    def teacher_rows(self, rows: Sequence[Row]) -> list[int]:
-        """Indices of a micro-batch's rows the teacher scores (before the student forward)."""
+    def teacher_requests(self, rows: Sequence[Row]) -> list[TeacherRequest]:
+        """What the teacher scores for a micro-batch, before the student forward: (row
+        index, teacher prompt ids) pairs, all in one batched teacher call."""
         return []
 
     @abstractmethod

@@ -29,6 +29,8 @@ from mopd.models.scoring import ScoringBatch, build_scoring_batch, response_logi
 from mopd.models.teachers import Teacher
 from mopd.types import Rollout, Verdict
 
+TeacherRequest = tuple[int, tuple[int, ...]]  # (row index in its micro-batch, prompt ids)
+
 
 @dataclass(frozen=True)
 class Row:
@@ -113,25 +115,32 @@ class StudentForward:
     rows: Sequence[Row]
     batch: ScoringBatch  # on the student's device
     logits_BRV: Tensor  # at temperature 1
-    teacher_index: list[int] = field(default_factory=list)
+    teacher_index: list[int] = field(default_factory=list)  # the row of each teacher request
     teacher_BRV: Tensor | None = None  # (len(teacher_index), R, V), no grad
     _logprobs: dict[float, Tensor] = field(default_factory=dict)  # with grad
     _sampling: dict[float, Tensor] = field(default_factory=dict)  # without
 
     @classmethod
     def run(
-        cls, rows: Sequence[Row], scorers: Scorers, teacher_index: Sequence[int] = ()
+        cls, rows: Sequence[Row], scorers: Scorers, teacher_requests: Sequence[TeacherRequest] = ()
     ) -> StudentForward:
-        """Teacher forward of rows `teacher_index` (if any), then the student's forward.
+        """Teacher forwards of `teacher_requests` (if any), then the student's forward.
 
-        The order is fixed (no-grad forwards first, then the forward whose backward
-        follows at once), so that processes with sharded models can keep their
-        forwards and backwards in step (`training.lockstep`).
+        Request j asks for the teacher's logits on row ``teacher_index[j]``'s response
+        after its own prompt ids; all requests go through one batched teacher call. The
+        order is fixed (no-grad forwards first, then the forward whose backward follows
+        at once), so that processes with sharded models can keep their forwards and
+        backwards in step (`training.lockstep`).
         """
-        index = list(teacher_index)
+        index = [i for i, _ in teacher_requests]
         width = max(r.tokens for r in rows)
         teacher_BRV = (
-            scorers.teacher_logits([rows[i] for i in index], width=width) if index else None
+            scorers.teacher_logits(
+                [(prompt, rows[i].rollout.response_ids) for i, prompt in teacher_requests],
+                width=width,
+            )
+            if index
+            else None
         )
         student = scorers.student
         batch = build_scoring_batch(
@@ -186,34 +195,30 @@ class Scorers:
     reference: Teacher | None = None  # frozen initial policy (DPO)
     seconds: float = 0.0  # spent in teacher and reference forwards
 
-    def teacher_logits(self, rows: Sequence[Row], *, width: int | None = None) -> Tensor:
-        """Teacher logits at the rows' response positions: ``(B, R, V)``, R = `width` or
-        the longest response.
+    def teacher_logits(
+        self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, width: int
+    ) -> Tensor:
+        """Teacher logits at the responses of (prompt ids, response ids) `pairs`: ``(N, R, V)``
+        with R = `width` (at least the longest response).
 
-        Rows are sorted by teacher prompt + response length and scored in
-        `TEACHER_PARTS` forwards; positions past a row's part width hold zeros (masked).
+        Pairs are sorted by prompt + response length and scored in `TEACHER_PARTS`
+        forwards; positions past a pair's part width hold zeros (they are masked).
         """
         if self.teacher is None:
             raise RuntimeError("this objective needs a teacher, but none was built")
         t0 = time.perf_counter()
-        inputs = [r.teacher for r in rows]
-        if any(t is None for t in inputs):
-            raise ValueError("every row scored by the teacher needs a teacher input")
-        lengths = [len(t.prompt_ids) + r.tokens for t, r in zip(inputs, rows, strict=True)]  # type: ignore[union-attr]
-        order = sorted(range(len(rows)), key=lengths.__getitem__)
-        width_r = width if width is not None else max(r.tokens for r in rows)
-        part_size = -(-len(rows) // TEACHER_PARTS)
+        lengths = [len(prompt) + len(response) for prompt, response in pairs]
+        order = sorted(range(len(pairs)), key=lengths.__getitem__)
+        part_size = -(-len(pairs) // TEACHER_PARTS)
         out_BRV: Tensor | None = None
         for start in range(0, len(order), part_size):
             part = order[start : start + part_size]
             batch = build_scoring_batch(
-                [inputs[i].prompt_ids for i in part],  # type: ignore[union-attr]
-                [rows[i].rollout.response_ids for i in part],
-                self.pad_id,
+                [pairs[i][0] for i in part], [pairs[i][1] for i in part], self.pad_id
             )
             logits_bRV = self.teacher.logits(batch.to(self.student.device), student=self.student)
             if out_BRV is None:
-                out_BRV = logits_bRV.new_zeros(len(rows), width_r, logits_bRV.shape[-1])
+                out_BRV = logits_bRV.new_zeros(len(pairs), width, logits_bRV.shape[-1])
             out_BRV[part, : logits_bRV.shape[1]] = logits_bRV
         assert out_BRV is not None
         self.seconds += time.perf_counter() - t0

@@ -21,14 +21,18 @@ from mopd.config import Config
 from mopd.core.losses import aggregate, aggregation_count, token_logprobs
 from mopd.core.token_loss import distill_token_loss, importance_weighted
 from mopd.objectives.base import Objective, StepLog
-from mopd.objectives.batch import Row, Scorers, StepBatch, StudentForward
+from mopd.objectives.batch import Row, Scorers, StepBatch, StudentForward, TeacherRequest
 
 # Normaliser keys: rows with a context (all processes) and the aggregation denominator.
 ROWS, DENOM = "distill/rows", "distill"
 
 
-def distill_normalisers(config: Config, batch: StepBatch) -> dict[str, float]:
-    rows = batch.with_context
+def context_requests(rows: Sequence[Row]) -> list[TeacherRequest]:
+    """The teacher's peer-context prompt for each row that has one."""
+    return [(i, r.teacher.prompt_ids) for i, r in enumerate(rows) if r.teacher and r.has_context]
+
+
+def distill_normalisers(config: Config, rows: Sequence[Row]) -> dict[str, float]:
     mode = config.loss.aggregation
     return {ROWS: len(rows), DENOM: aggregation_count([r.tokens for r in rows], mode)}
 
@@ -55,7 +59,7 @@ def distill_term(
     old_BR = forward.old_logprobs()
     index, t_BRV = forward.teacher_index, forward.teacher_BRV
     if t_BRV is None:
-        raise ValueError("distill_term needs the teacher's logits: declare teacher_rows")
+        raise ValueError("distill_term needs the teacher's logits: see context_requests")
     if len(index) < len(rows):  # a sub-batch: the other rows have no teacher context
         rows = [rows[i] for i in index]
         s_BRV, mask_BR, ids_BR = s_BRV[index], mask_BR[index], ids_BR[index]
@@ -102,15 +106,28 @@ class Distill(Objective):
         return batch.with_context
 
     def normalisers(self, batch: StepBatch) -> dict[str, float]:
-        return distill_normalisers(self.config, batch)
+        return distill_normalisers(self.config, self.rows(batch))
 
     def terms(self, norms: Mapping[str, float]) -> tuple[str, ...]:
         return ("distill",) if norms[ROWS] else ()
 
-    def teacher_rows(self, rows: Sequence[Row]) -> list[int]:
-        return list(range(len(rows)))
+    def teacher_requests(self, rows: Sequence[Row]) -> list[TeacherRequest]:
+        return context_requests(rows)
 
     def loss(
         self, forward: StudentForward, norms: Mapping[str, float], scorers: Scorers, log: StepLog
     ) -> Tensor:
         return distill_term(self.config, forward, norms, log)
+
+
+class DistillFailures(Distill):
+    """``loss.kind=distill-failures``: distil only failed rollouts (with a context).
+
+    Successes keep their tokens: the teacher may only correct what the verifier rejected,
+    so a teacher that reads peers badly cannot pull successes down or lengthen them.
+    """
+
+    name = "distill-failures"
+
+    def rows(self, batch: StepBatch) -> list[Row]:
+        return [r for r in batch.with_context if not r.success]

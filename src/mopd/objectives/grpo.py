@@ -26,27 +26,37 @@ def grpo_normalisers(config: Config, batch: StepBatch) -> dict[str, float]:
     return {DENOM: aggregation_count([r.tokens for r in batch.rows], config.loss.aggregation)}
 
 
+def row_advantages(forward: StudentForward) -> Tensor:
+    """The group advantage of each of the forward's rows.  # (B,)"""
+    logits = forward.logits_BRV
+    return torch.tensor([r.advantage for r in forward.rows], device=logits.device)
+
+
 def grpo_term(
-    config: Config, forward: StudentForward, norms: Mapping[str, float], log: StepLog
+    config: Config,
+    forward: StudentForward,
+    norms: Mapping[str, float],
+    log: StepLog,
+    token_advantages_BR: Tensor | None = None,
+    term: str = "grpo",
 ) -> Tensor:
-    """The PPO-clip loss of the forward's rows; logs the clipped share of trained tokens
-    and the mean ratio to the sampling policy."""
+    """The PPO-clip loss of the forward's rows, with their group advantages or the given
+    per-token ones, logged as ``loss/<term>``; also logs the clipped share of trained
+    tokens and the mean ratio to the sampling policy."""
     logp_BR = forward.logprobs(config.rollout.temperature)
     mask_BR = forward.mask_BR
-    adv_B = torch.tensor(
-        [r.advantage for r in forward.rows], device=logp_BR.device, dtype=logp_BR.dtype
-    )
+    adv_B = row_advantages(forward).to(logp_BR.dtype)
     loss, stats = grpo_loss(
         logp_BR,
         forward.old_logprobs(),
-        adv_B,
+        adv_B if token_advantages_BR is None else token_advantages_BR,
         mask_BR,
         clip_low=config.loss.clip_low,
         clip_high=config.loss.clip_high,
         aggregation=config.loss.aggregation,
         denominator=norms[DENOM],
     )
-    log.losses["grpo"] += float(loss.detach())
+    log.losses[term] += float(loss.detach())
     n_valid = float(mask_BR.sum())
     trained = float(mask_BR[adv_B != 0].sum())  # rows with zero advantage are never clipped
     log.add_ratio("grpo/clip_fraction", stats["grpo/clip_fraction"] * n_valid, trained)

@@ -17,8 +17,14 @@ from torch import Tensor
 from mopd.config import Config, ConfigError
 from mopd.core.baselines import mixed_loss
 from mopd.objectives.base import Objective, StepLog
-from mopd.objectives.batch import Row, Scorers, StepBatch, StudentForward
-from mopd.objectives.distill import ROWS, Distill, distill_normalisers, distill_term
+from mopd.objectives.batch import Row, Scorers, StepBatch, StudentForward, TeacherRequest
+from mopd.objectives.distill import (
+    ROWS,
+    Distill,
+    context_requests,
+    distill_normalisers,
+    distill_term,
+)
 from mopd.objectives.grpo import Grpo, grpo_normalisers, grpo_term
 
 
@@ -43,13 +49,14 @@ class GrpoDistill(Objective):
         return [r for r in batch.rows if r.has_context or r.advantage != 0.0]
 
     def normalisers(self, batch: StepBatch) -> dict[str, float]:
-        return {**grpo_normalisers(self.config, batch), **distill_normalisers(self.config, batch)}
+        distilled = distill_normalisers(self.config, batch.with_context)
+        return {**grpo_normalisers(self.config, batch), **distilled}
 
     def terms(self, norms: Mapping[str, float]) -> tuple[str, ...]:
         return ("grpo", "distill") if norms[ROWS] else ("grpo",)
 
-    def teacher_rows(self, rows: Sequence[Row]) -> list[int]:
-        return [i for i, r in enumerate(rows) if r.has_context]
+    def teacher_requests(self, rows: Sequence[Row]) -> list[TeacherRequest]:
+        return context_requests(rows)
 
     def loss(
         self, forward: StudentForward, norms: Mapping[str, float], scorers: Scorers, log: StepLog

@@ -87,7 +87,7 @@ def run_objective(
     names += ["rollout/is_clipped_fraction"] if is_clip is not None else []
     log.ratios = {name: [0.0, 0.0] for name in names}  # the same keys on every process
     for rows in objective.micro_batches(batch, norms):
-        forward = StudentForward.run(rows, scorers, objective.teacher_rows(rows))
+        forward = StudentForward.run(rows, scorers, objective.teacher_requests(rows))
         loss = objective.loss(forward, norms, scorers, log)
         agreement = engine_agreement(
             forward.sampling_logprobs(temperature),
@@ -154,6 +154,7 @@ def train_step(
     sampled = sample_local_shards(
         cfg, parts.engine, parts.tokenizer, parts.task, problems, seed=seed, rank=dist.rank,
         world_size=dist.world_size, teacher_inputs=objective.needs_teacher,
+        contrast=objective.needs_contrast,
     )  # fmt: skip
     # Assemble: rows, advantages, and the objective's normalisers over all processes.
     threshold = cfg.peers.success_threshold

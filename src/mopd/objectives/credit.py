@@ -1,0 +1,114 @@
+"""GRPO with sign-safe peer credit: the verifier signs every token's update, the
+peer-conditioned teacher only redistributes it over the rollout's tokens.
+
+``signed-credit`` (RLSD-style) and ``contrastive-credit`` (RLCSD-style) keep GRPO's rows,
+denominator and PPO-clip surrogate, and replace the rollout's one advantage by per-token
+advantages from `core.credit` (the maths and why it is sign-safe). Teacher log-probs are
+read at the distillation temperature (`loss.temperature`, default the rollout's), the
+student's likewise; rows the teacher cannot score (no context, no contrast pair) keep the
+plain group advantage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from mopd.core.credit import contrastive_credit, signed_teacher_credit
+from mopd.core.losses import token_logprobs
+from mopd.objectives.base import Objective, StepLog
+from mopd.objectives.batch import Row, Scorers, StepBatch, StudentForward, TeacherRequest
+from mopd.objectives.distill import context_requests, loss_temperature
+from mopd.objectives.grpo import Grpo, grpo_normalisers, grpo_term, row_advantages
+
+
+def _teacher_logprobs(forward: StudentForward, temperature: float) -> Tensor:
+    """Log-probs of the rows' tokens under each teacher request.  # (N, R), no grad"""
+    assert forward.teacher_BRV is not None
+    ids_NR = forward.batch.response_ids[forward.teacher_index]
+    return token_logprobs(forward.teacher_BRV, ids_NR, temperature=temperature)
+
+
+class _CreditObjective(Objective):
+    """GRPO's rows and normaliser; subclasses give the per-token advantages."""
+
+    needs_teacher = True
+    min_group_size = 2
+    reports = (*Grpo.reports, "credit/weight_mean")
+
+    def rows(self, batch: StepBatch) -> list[Row]:
+        return [r for r in batch.rows if r.advantage != 0.0]
+
+    def normalisers(self, batch: StepBatch) -> dict[str, float]:
+        return grpo_normalisers(self.config, batch)
+
+    def loss(
+        self, forward: StudentForward, norms: Mapping[str, float], scorers: Scorers, log: StepLog
+    ) -> Tensor:
+        adv_BR = self.token_advantages(forward)
+        loss = grpo_term(self.config, forward, norms, log, adv_BR, term=self.name)
+        with torch.no_grad():  # how far the credit moved the advantages: mean A_t / A
+            adv_B1 = row_advantages(forward).to(adv_BR.dtype).unsqueeze(-1)
+            mask_BR = forward.mask_BR != 0
+            ratio_BR = torch.where(mask_BR, adv_BR / adv_B1, 0.0)
+            log.add_ratio("credit/weight_mean", float(ratio_BR.sum()), float(mask_BR.sum()))
+        return loss
+
+    def token_advantages(self, forward: StudentForward) -> Tensor:
+        raise NotImplementedError
+
+
+class SignedCredit(_CreditObjective):
+    """``loss.kind=signed-credit``: ``A * clip((p_T / p_S)^sign(A), 1 +- loss.credit_clip)``."""
+
+    name = "signed-credit"
+
+    def teacher_requests(self, rows: Sequence[Row]) -> list[TeacherRequest]:
+        return context_requests(rows)
+
+    def token_advantages(self, forward: StudentForward) -> Tensor:
+        temp = loss_temperature(self.config)
+        student_BR = forward.sampling_logprobs(temp)
+        teacher_BR = student_BR.clone()  # no context: ratio 1, the plain advantage
+        if forward.teacher_index:
+            teacher_BR[forward.teacher_index] = _teacher_logprobs(forward, temp)
+        adv_B = row_advantages(forward).to(student_BR.dtype)
+        return signed_teacher_credit(
+            adv_B, teacher_BR, student_BR, clip=self.config.loss.credit_clip
+        )
+
+
+class ContrastiveCredit(_CreditObjective):
+    """``loss.kind=contrastive-credit``: ``A + scale tanh((log p_T(y|success) - log p_T(y|failure)) / tau)``,
+    sign-clamped to A; the two one-peer prompts of each row go in one teacher call."""
+
+    name = "contrastive-credit"
+    needs_contrast = True
+
+    def teacher_requests(self, rows: Sequence[Row]) -> list[TeacherRequest]:
+        requests: list[TeacherRequest] = []
+        for i, row in enumerate(rows):
+            pair = row.teacher.contrast_ids if row.teacher is not None else None
+            if pair is not None:
+                requests += [(i, pair[0]), (i, pair[1])]
+        return requests
+
+    def token_advantages(self, forward: StudentForward) -> Tensor:
+        loss = self.config.loss
+        adv_B = row_advantages(forward).to(forward.mask_BR.dtype)
+        success_BR = forward.mask_BR.new_zeros(forward.mask_BR.shape)
+        failure_BR = success_BR.clone()  # equal: no contrast, the plain advantage
+        if forward.teacher_index:
+            logp_NR = _teacher_logprobs(forward, loss_temperature(self.config))
+            rows = forward.teacher_index[::2]  # requests come in (success, failure) pairs
+            success_BR[rows], failure_BR[rows] = logp_NR[0::2], logp_NR[1::2]
+        return contrastive_credit(
+            adv_B,
+            success_BR,
+            failure_BR,
+            tau=loss.contrast_tau,
+            scale=loss.contrast_scale,
+            threshold=loss.contrast_threshold,
+        )
