@@ -123,6 +123,12 @@ def _parser() -> argparse.ArgumentParser:
     an.add_argument("--n", type=int, default=8, help="rollouts per prompt (group size G)")
     _sampling_args(an, temperature=1.0, top_p=1.0)
     an.add_argument("--max-teacher-tokens", type=int, default=4096)
+    an.add_argument(
+        "--score-temperature",
+        type=float,
+        default=1.0,
+        help="read teacher and student at softmax(logits / T): the loss temperature",
+    )
     an.add_argument("--batch-size", type=int, default=8, help="rows per scoring forward")
     an.add_argument("--n-boot", type=int, default=1000)
     an.add_argument("--output-dir", type=Path, default=Path("analysis"))
@@ -349,6 +355,7 @@ def _analyze(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         n_boot=args.n_boot,
         layouts=layouts,
+        temperature=args.score_temperature,
     )
     result.meta.update(
         model=args.model,

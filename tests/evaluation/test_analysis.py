@@ -216,3 +216,21 @@ def test_diagnostics_per_condition_and_layout(tokenizer, tiny_model, two_groups)
         gaps = result.conditions[1 if name == "paper" else 2].gaps
         failures = [*gaps[0][2:], *gaps[1]]  # every failure of both groups
         assert over["gap_failure"] == pytest.approx(sum(sum(g) / len(g) for g in failures) / 4)
+
+
+def test_diagnostics_read_both_models_at_the_score_temperature(tokenizer, tiny_model, two_groups):
+    problems, groups, verdicts = two_groups
+    result = analyze_groups(
+        tiny_model, tokenizer, problems, groups, verdicts, ["base"], n_boot=10, temperature=0.5
+    )
+    plain = chat_prompt_ids(tokenizer, problems[0].messages)
+    probs = []
+    for rollout in groups[0][:2]:  # the two successes
+        ids = torch.tensor([[*plain, *rollout.response_ids]])
+        with torch.no_grad():
+            logits = tiny_model(ids).logits[0, -2].double()
+        probs.append(float(torch.softmax(logits / 0.5, -1)[rollout.response_ids[-1]]))
+    assert result.conditions[0].overview()["p_eot_student"] == pytest.approx(
+        sum(probs) / 2, rel=1e-4
+    )
+    assert result.meta["score_temperature"] == 0.5

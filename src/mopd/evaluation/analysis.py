@@ -117,8 +117,9 @@ class _Scorer:
     """Per-token log-probs and entropies of responses under one model, batched, cached by
     (prompt, response)."""
 
-    def __init__(self, model: Any, pad_id: int, batch_size: int) -> None:
+    def __init__(self, model: Any, pad_id: int, batch_size: int, temperature: float) -> None:
         self.model, self.pad_id, self.batch_size = model, pad_id, batch_size
+        self.temperature = temperature
         self.cache: dict[tuple[tuple[int, ...], tuple[int, ...]], _Scored] = {}
 
     @torch.no_grad()
@@ -131,8 +132,8 @@ class _Scorer:
             chunk = todo[start : start + self.batch_size]
             batch = build_scoring_batch([p for p, _ in chunk], [r for _, r in chunk], self.pad_id)
             logits_BRV = response_logits(self.model, batch)
-            logp_BR = token_logprobs(logits_BRV, batch.response_ids)
-            entropy_BR = token_entropy(logits_BRV)
+            logp_BR = token_logprobs(logits_BRV, batch.response_ids, self.temperature)
+            entropy_BR = token_entropy(logits_BRV, self.temperature)
             for row, key in enumerate(chunk):
                 n = len(key[1])
                 self.cache[key] = _Scored(
@@ -232,11 +233,13 @@ def analyze_groups(
     batch_size: int = 8,
     n_boot: int = 1000,
     layouts: Sequence[str] = ("paper",),
+    temperature: float = 1.0,
 ) -> AnalysisResult:
     """Score every rollout under every condition and layout and summarise (module docstring).
 
     `model` is the student (plain prompt, for the gap); `teacher` defaults to `model`.
-    The base condition (no peers) is scored once, whatever the layouts.
+    The base condition (no peers) is scored once, whatever the layouts. Both models are
+    read at ``softmax(logits / temperature)``: use the distillation loss's temperature.
     """
     runs = [
         (c if layout == "paper" else f"{c}@{layout}", c, layout)
@@ -249,8 +252,12 @@ def analyze_groups(
         for _, c, _ in runs
     ]
     pad = tokenizer.pad_token_id
-    student = _Scorer(model, pad, batch_size)
-    scorer = student if teacher is None or teacher is model else _Scorer(teacher, pad, batch_size)
+    student = _Scorer(model, pad, batch_size, temperature)
+    scorer = (
+        student
+        if teacher is None or teacher is model
+        else _Scorer(teacher, pad, batch_size, temperature)
+    )
     plain = [tuple(chat_prompt_ids(tokenizer, p.messages)) for p in problems]
     shape = [len(g) for g in groups]
     responses = [r.response_ids for g in groups for r in g]
@@ -310,6 +317,7 @@ def analyze_groups(
         "policy": policy,
         "seed": seed,
         "layouts": list(layouts),
+        "score_temperature": temperature,
         "n_both_present": sum(1 for r_G in rewards if len({x >= threshold for x in r_G}) == 2),
     }
     return AnalysisResult(list(problems), rewards, results, meta)
