@@ -1,11 +1,16 @@
-"""Learning benchmark: base, GRPO, SDPO, MOPD-2S, MOPD-2S1F, a random-peer control and
-a GRPO + MOPD-2S1F mix.
+"""Learning benchmark, round 2: GRPO against peer-conditioned methods that keep the
+verifier's sign (signed and contrastive peer credit, a GRPO-dominant mix, distillation of
+failures only), the paper-faithful MOPD-2S1F and its random-peer control.
 
 Every method trains the packaged SmolLM2-135M-Instruct with the same prompts, group size,
 steps, token limit and optimizer settings; only the loss (and its teacher context)
-differs. Learning rates are searched on a validation split for GRPO and for MOPD-2S1F
-(the other distillation methods share MOPD's), and the chosen runs are reported on a
-separate test split, several seeds each.
+differs. Learning rates are searched on a validation split (seed 0) for GRPO, MOPD-2S1F
+and each new objective; variants share their family's rate. The chosen runs are reported
+on a separate test split, paired by seed with GRPO (a seed fixes the problem order and
+the sampling): 5 seeds for base, GRPO and the two peer-conditioned methods with the best
+validation score over seeds 0-2, 3 seeds for the rest. Round 1 (8 steps, the loss at
+temperature 1, the mix weighting bug) is kept in `results/learning/` and the script that
+made it in git history.
 
 The benchmark is a list of runs, each a `mopd train` followed by a `mopd eval` of its
 final checkpoint on the test split, in its own process. A finished run leaves a small
@@ -38,8 +43,8 @@ from typing import Any
 import yaml
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results" / "learning"
-RUNS = HERE / "runs" / "learning"  # checkpoints while a run is in progress (not in git)
+RESULTS = HERE / "results" / "learning-r2"
+RUNS = HERE / "runs" / "learning-r2"  # checkpoints while a run is in progress (not in git)
 MODEL = "packaged:smollm2-135m-instruct"
 
 # Task settings. Options go to bench_tasks.make_arithmetic (an ArithmeticTask with a
@@ -53,27 +58,39 @@ SETTINGS: dict[str, dict[str, Any]] = {
 }
 N_VALIDATION, N_TEST = 20, 40
 
-# The matched budget: identical for every method.
+# The matched budget: identical for every method (twice round 1's 8 steps x 2 prompts).
 COMMON = {
     "model": {"name": MODEL},
     "rollout": {"n": 8, "temperature": 0.7, "max_new_tokens": 32},
-    "train": {"steps": 8, "prompts_per_step": 2, "micro_batch_size": 16, "checkpoint_every": 2},
+    "train": {"steps": 16, "prompts_per_step": 2, "micro_batch_size": 16, "checkpoint_every": 4},
     "optim": {"warmup_steps": 2},
-    "eval": {"every": 4, "k": 4, "temperature": 0.6, "top_p": 0.95},
+    "eval": {"every": 8, "k": 4, "temperature": 0.6, "top_p": 0.95},
     "logging": {"progress": False},
 }
-METHODS: dict[str, list[str]] = {
-    "grpo": ["method=grpo"],
-    "sdpo": ["method=sdpo"],
-    "mopd-2s": ["method=mopd-2s"],
-    "mopd-2s1f": ["method=mopd"],
-    "random_peer": ["method=mopd", "peers.control=random_peer"],
-    # Half GRPO, half MOPD-2S1F distillation: does the reward term stop the length drift?
-    "mopd+grpo": ["method=mopd", "loss.kind=grpo+distill", "loss.grpo_mix=0.5"],
+# The teacher layout of the new peer-conditioned methods, chosen from the teacher-signal
+# diagnostics (docs/benchmarks.md); MOPD-2S1F and its control keep the paper's.
+LAYOUT = "teacher.layout=multi-turn"
+# name -> (overrides, learning-rate family): a family's seed-0 grid picks its rate.
+METHODS: dict[str, tuple[list[str], str]] = {
+    "grpo": (["method=grpo"], "grpo"),
+    "mopd-2s1f": (["method=mopd"], "mopd-2s1f"),
+    "random_peer": (["method=mopd", "peers.control=random_peer"], "mopd-2s1f"),
+    "signed-credit": (["method=mopd", "loss.kind=signed-credit", LAYOUT], "signed-credit"),
+    "contrastive-credit": (
+        ["method=mopd", "loss.kind=contrastive-credit", LAYOUT],
+        "contrastive-credit",
+    ),
+    # GRPO-dominant (the SDPO paper's small-model recipe): shares GRPO's rate.
+    "grpo+distill0.1": (
+        ["method=mopd", "loss.kind=grpo+distill", "loss.grpo_mix=0.1", LAYOUT],
+        "grpo",
+    ),
+    "distill-failures": (["method=mopd", "loss.kind=distill-failures", LAYOUT], "mopd-2s1f"),
 }
-SEARCHED = ("grpo", "mopd-2s1f")  # each gets the learning-rate grid
+SEARCHED = ("grpo", "mopd-2s1f", "signed-credit", "contrastive-credit")
+PEER_METHODS = tuple(m for m in METHODS if m != "grpo")  # candidates for the 5-seed rows
 LR_GRID = (5e-6, 2e-5, 8e-5)
-SEEDS = (0, 1, 2)
+FEW_SEEDS, ALL_SEEDS = (0, 1, 2), (0, 1, 2, 3, 4)
 EVAL_K = 4
 
 
@@ -106,9 +123,9 @@ def _records(setting: str) -> dict[str, dict[str, Any]]:
 
 
 def chosen_lr(setting: str, method: str) -> float | None:
-    """Best final validation mean@k of the seed-0 grid; None until the grid is complete."""
+    """Best final validation mean@k of the family's seed-0 grid; None until it is complete."""
     records = _records(setting)
-    searched = "grpo" if method == "grpo" else "mopd-2s1f"
+    searched = METHODS[method][1]
     scores = {}
     for lr in LR_GRID:
         rec = records.get(Run(setting, searched, lr, 0).name)
@@ -118,17 +135,41 @@ def chosen_lr(setting: str, method: str) -> float | None:
     return max(LR_GRID, key=lambda lr: (scores[lr], -lr))  # ties: the smaller step
 
 
+def _final_validation(setting: str, method: str, seeds: tuple[int, ...]) -> float | None:
+    """Mean final validation mean@k over `seeds`; None until all of them are recorded."""
+    lr = chosen_lr(setting, method)
+    records = _records(setting)
+    names = [Run(setting, method, lr, s).name for s in seeds] if lr is not None else []
+    if not names or any(n not in records for n in names):
+        return None
+    return sum(records[n]["validation"][-1][f"mean@{EVAL_K}"] for n in names) / len(names)
+
+
+def best_peer_methods(setting: str, count: int = 2) -> list[str] | None:
+    """The `count` peer-conditioned methods with the best validation score over seeds 0-2
+    (validation, not test: the choice of who gets more seeds must not peek at the test)."""
+    scores = {m: _final_validation(setting, m, FEW_SEEDS) for m in PEER_METHODS}
+    if any(v is None for v in scores.values()):
+        return None
+    return sorted(PEER_METHODS, key=lambda m: -scores[m])[:count]  # type: ignore[operator]
+
+
+def seeds_of(setting: str, method: str) -> tuple[int, ...]:
+    """5 seeds for base, GRPO and the two best peer methods (once known), else 3."""
+    if method in ("base", "grpo") or method in (best_peer_methods(setting) or []):
+        return ALL_SEEDS
+    return FEW_SEEDS
+
+
 def plan(setting: str) -> list[Run]:
     """Every run of the benchmark that can be planned now, in execution order."""
     runs = [Run(setting, m, lr, 0) for m in SEARCHED for lr in LR_GRID]
-    for seed in SEEDS:
-        runs.append(Run(setting, "base", 0.0, seed))
-        for method in METHODS:
-            lr = chosen_lr(setting, method)
-            if lr is not None:
+    for seed in ALL_SEEDS:
+        for method in ("base", *METHODS):
+            lr = 0.0 if method == "base" else chosen_lr(setting, method)
+            if lr is not None and seed in seeds_of(setting, method):
                 runs.append(Run(setting, method, lr, seed))
-    unique = list(dict.fromkeys(runs))
-    return unique
+    return list(dict.fromkeys(runs))
 
 
 # ------------------------------------------------------------------ running
@@ -188,6 +229,9 @@ TRAIN_METRICS = (
     "teacher/success_auc",
     "gap/success",
     "gap/failure",
+    "grpo/clip_fraction",
+    "credit/weight_mean",
+    "optim/skipped",
 )
 
 
@@ -203,7 +247,7 @@ def _train(run: Run) -> tuple[float, list[dict[str, float]], dict[str, float]]:
             "train",
             "--config",
             str(_recipe(run.setting)),
-            *METHODS[run.method],
+            *METHODS[run.method][0],
             f"optim.lr={run.lr}",
             f"train.seed={run.seed}",
             f"logging.output_dir={run.run_dir.parent}",
@@ -300,6 +344,37 @@ def _test_metric(records: list[dict[str, Any]], name: str) -> str:
     return _fmt(*mean_ci([r["test"]["metrics"][name]["mean"] for r in records]))
 
 
+def _test_value(record: dict[str, Any], name: str) -> float:
+    return float(record["test"]["metrics"][name]["mean"])
+
+
+def paired_difference(setting: str, method: str, name: str) -> dict[str, Any] | None:
+    """Test `name` of `method` minus GRPO's, paired by seed: mean, 95% t-interval, seeds.
+
+    A seed fixes the training problems' order and every sampling draw, so the pair shares
+    everything but the objective; the interval is over the per-seed differences.
+    """
+    if method == "grpo":
+        return None
+    records = _records(setting)
+    lr, lr_grpo = (
+        (0.0 if method == "base" else chosen_lr(setting, method)),
+        chosen_lr(setting, "grpo"),
+    )
+    if lr is None or lr_grpo is None:
+        return None
+    diffs, seeds = [], []
+    for seed in ALL_SEEDS:
+        mine, grpo = Run(setting, method, lr, seed).name, Run(setting, "grpo", lr_grpo, seed).name
+        if mine in records and grpo in records:
+            diffs.append(_test_value(records[mine], name) - _test_value(records[grpo], name))
+            seeds.append(seed)
+    if not diffs:
+        return None
+    mean, half = mean_ci(diffs)
+    return {"mean": mean, "half_width": half, "seeds": seeds, "diffs": diffs}
+
+
 def _mean_of(values: list[float | None]) -> str:
     present = [v for v in values if v is not None]
     return f"{sum(present) / len(present):.3f}" if present else "n/a"
@@ -318,7 +393,7 @@ def summarize(setting: str) -> dict[str, Any]:
         lr = 0.0 if method == "base" else chosen_lr(setting, method)
         if lr is None:
             continue
-        recs = [records[n] for s in SEEDS if (n := Run(setting, method, lr, s).name) in records]
+        recs = [records[n] for s in ALL_SEEDS if (n := Run(setting, method, lr, s).name) in records]
         if not recs:
             continue
         rows.append(
@@ -326,6 +401,7 @@ def summarize(setting: str) -> dict[str, Any]:
                 "method": method,
                 "lr": lr,
                 "seeds": [r["seed"] for r in recs],
+                "vs_grpo": paired_difference(setting, method, f"mean@{EVAL_K}"),
                 "test_mean": _test_metric(recs, f"mean@{EVAL_K}"),
                 "test_pass1": _test_metric(recs, "pass@1"),
                 "test_passk": _test_metric(recs, f"pass@{EVAL_K}"),
@@ -354,13 +430,16 @@ def _markdown(summary: dict[str, Any]) -> str:
         "Test split: mean over seeds ± half-width of the 95% t-interval over seeds; with a "
         "single seed, [95% bootstrap interval over the test prompts].",
         "",
-        "| method | lr | seeds | test mean@4 | test pass@1 | test pass@4 | train wall s/run |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| method | lr | seeds | test mean@4 | minus GRPO (paired) | test pass@1 | test pass@4 "
+        "| train wall s/run |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in summary["methods"]:
         lr = "—" if r["method"] == "base" else f"{r['lr']:g}"
+        diff = r.get("vs_grpo")
+        paired = "—" if diff is None else _fmt(diff["mean"], diff["half_width"])
         lines.append(
-            f"| {r['method']} | {lr} | {len(r['seeds'])} | {r['test_mean']} | "
+            f"| {r['method']} | {lr} | {len(r['seeds'])} | {r['test_mean']} | {paired} | "
             f"{r['test_pass1']} | {r['test_passk']} | {r['train_wall_s']:.0f} |"
         )
     lines += [

@@ -35,18 +35,62 @@ def test_validation_and_test_splits_are_disjoint_from_each_other_and_training(lo
         tasks.make_arithmetic("train")
 
 
-def test_main_runs_are_planned_only_after_the_search_and_use_the_best_rate(learning):
+def _grid(module, method: str, scores) -> None:
+    for lr, score in zip(module.LR_GRID, scores, strict=True):
+        _write(module, method, lr, 0, score)
+
+
+def test_main_runs_are_planned_only_after_the_search_and_use_the_family_rate(learning):
     before = learning.plan("add1")
-    assert {r.method for r in before} == {"grpo", "mopd-2s1f", "base"}
-    for lr, score in zip(learning.LR_GRID, (0.5, 0.7, 0.6), strict=True):
-        _write(learning, "mopd-2s1f", lr, 0, score)
-    for lr, score in zip(learning.LR_GRID, (0.4, 0.4, 0.3), strict=True):
-        _write(learning, "grpo", lr, 0, score)
+    assert {r.method for r in before} == {*learning.SEARCHED, "base"}
+    _grid(learning, "mopd-2s1f", (0.5, 0.7, 0.6))
+    _grid(learning, "grpo", (0.4, 0.4, 0.3))
     after = learning.plan("add1")
     best_mopd, best_grpo = learning.LR_GRID[1], learning.LR_GRID[0]  # grpo tie: smaller lr
-    assert {r.lr for r in after if r.method in ("sdpo", "mopd-2s", "random_peer")} == {best_mopd}
-    assert {r.lr for r in after if r.method == "grpo" and r.seed > 0} == {best_grpo}
+    family = {r.lr for r in after if r.method in ("random_peer", "distill-failures")}
+    assert family == {best_mopd}
+    assert {r.lr for r in after if r.method in ("grpo", "grpo+distill0.1") and r.seed > 0} == {
+        best_grpo
+    }
+    assert not {r.method for r in after} & {"signed-credit", "contrastive-credit"} - {
+        r.method for r in before
+    }
     assert len(after) == len(set(after))  # the seed-0 search run is not planned twice
+    # Until the peer methods have 3 seeds, only base and GRPO get seeds 3 and 4.
+    assert {r.method for r in after if r.seed >= 3} == {"base", "grpo"}
+
+
+def test_the_two_best_peer_methods_by_validation_get_five_seeds(learning):
+    for method in learning.SEARCHED:
+        _grid(learning, method, (0.5, 0.5, 0.5))
+    lr = learning.LR_GRID[0]
+    finals = {m: 0.1 * i for i, m in enumerate(learning.PEER_METHODS)}
+    for method, score in finals.items():
+        for seed in learning.FEW_SEEDS:
+            if not (seed == 0 and method in learning.SEARCHED):  # seed 0: the grid run
+                _write(learning, method, lr, seed, score)
+    best = learning.best_peer_methods("add1")
+    assert best == list(learning.PEER_METHODS[::-1][:2])
+    five = {r.method for r in learning.plan("add1") if r.seed == 4}
+    assert five == {"base", "grpo", *best}
+
+
+def test_paired_difference_to_grpo_is_over_shared_seeds(learning):
+    lr = learning.LR_GRID[0]
+    _grid(learning, "grpo", (0.5, 0.4, 0.3))
+    _grid(learning, "signed-credit", (0.5, 0.4, 0.3))
+    for method, means in (("grpo", (0.5, 0.6, 0.7)), ("signed-credit", (0.6, 0.6, 0.8))):
+        for seed, value in enumerate(means):
+            run = learning.Run("add1", method, lr, seed)
+            record = {"validation": [{"step": 16, "mean@4": 0.5}]}
+            record["test"] = {"metrics": {"mean@4": {"mean": value}}}
+            run.record.write_text(json.dumps(record))
+    diff = learning.paired_difference("add1", "signed-credit", "mean@4")
+    assert diff["seeds"] == [0, 1, 2]
+    assert diff["diffs"] == pytest.approx([0.1, 0.0, 0.1])
+    assert diff["mean"] == pytest.approx(0.2 / 3)
+    assert diff["half_width"] == pytest.approx(learning.mean_ci([0.1, 0.0, 0.1])[1])
+    assert learning.paired_difference("add1", "grpo", "mean@4") is None
 
 
 def test_status_filters_by_method_and_seed_and_rejects_unknown_names(learning, capsys):
@@ -56,9 +100,7 @@ def test_status_filters_by_method_and_seed_and_rejects_unknown_names(learning, c
         "grpo-lr5e-06-s0",
         "grpo-lr2e-05-s0",
         "grpo-lr8e-05-s0",
-        "base-lr0-s0",
-        "base-lr0-s1",
-        "base-lr0-s2",
+        *(f"base-lr0-s{s}" for s in range(5)),
     ]
     assert learning.main(["status", "--methods", "base", "--seeds", "1"]) == 0
     out = capsys.readouterr().out
