@@ -215,6 +215,31 @@ def _diagnostics(
     }
 
 
+def _condition_result(
+    name: str,
+    inputs: Sequence[Sequence[TeacherInput]],
+    built: list[list[bool]],
+    teacher: Sequence[_Scored],
+    student: Sequence[_Scored],
+    groups: Sequence[Sequence[Rollout]],
+) -> ConditionResult:
+    """Per-rollout scores and per-token gaps of one condition, grouped like `groups`."""
+    shape = [len(g) for g in groups]
+    gaps = [
+        [a - b for a, b in zip(t.logp, s.logp, strict=True)]
+        for t, s in zip(teacher, student, strict=True)
+    ]
+    return ConditionResult(
+        name=name,
+        scores=regroup([_mean(t.logp) for t in teacher], shape),
+        score_sums=regroup([sum(t.logp) for t in teacher], shape),
+        gaps=regroup(gaps, shape),
+        built=built,
+        prompt_tokens=[[len(t.prompt_ids) for t in row] for row in inputs],
+        seconds=0.0,
+    )
+
+
 def analyze_groups(
     model: Any,
     tokenizer: Any,
@@ -262,7 +287,6 @@ def analyze_groups(
     shape = [len(g) for g in groups]
     responses = [r.response_ids for g in groups for r in g]
     student_scored = student([plain[u] for u, n in enumerate(shape) for _ in range(n)], responses)
-    student_logp = [x.logp for x in student_scored]
     rewards = [[v.reward for v in row] for row in verdicts]
     flat_rollouts = [r for g in groups for r in g]
     flat_success = [x >= threshold for row in rewards for x in row]
@@ -270,34 +294,14 @@ def analyze_groups(
     for (name, _, layout), config in zip(runs, configs, strict=True):
         t0 = time.perf_counter()
         inputs, built = build_condition(
-            tokenizer,
-            problems,
-            groups,
-            verdicts,
-            config,
-            seed=seed,
-            max_prompt_tokens=max_prompt_tokens,
-            templates=templates,
-            layout=layout,
-        )
-        prompts = [t.prompt_ids for row in inputs for t in row]
-        teacher_scored = scorer(prompts, responses)
-        teacher_logp = [x.logp for x in teacher_scored]
-        seconds = time.perf_counter() - t0
-        flat_scores = [_mean(lp) for lp in teacher_logp]
-        flat_gaps = [
-            [t - s for t, s in zip(tl, sl, strict=True)]
-            for tl, sl in zip(teacher_logp, student_logp, strict=True)
-        ]
-        result = ConditionResult(
-            name=name,
-            scores=regroup(flat_scores, shape),
-            score_sums=regroup([sum(lp) for lp in teacher_logp], shape),
-            gaps=regroup(flat_gaps, shape),
-            built=built,
-            prompt_tokens=[[len(t.prompt_ids) for t in row] for row in inputs],
-            seconds=seconds,
-            diagnostics=_diagnostics(teacher_scored, student_scored, flat_rollouts, flat_success),
+            tokenizer, problems, groups, verdicts, config, seed=seed,
+            max_prompt_tokens=max_prompt_tokens, templates=templates, layout=layout,
+        )  # fmt: skip
+        teacher_scored = scorer([t.prompt_ids for row in inputs for t in row], responses)
+        result = _condition_result(name, inputs, built, teacher_scored, student_scored, groups)
+        result.seconds = time.perf_counter() - t0
+        result.diagnostics = _diagnostics(
+            teacher_scored, student_scored, flat_rollouts, flat_success
         )
         # Empty responses have no score: leave them out of the ranking.
         pairs = [
