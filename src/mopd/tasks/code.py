@@ -40,7 +40,7 @@ from mopd.tasks.harness import (
     parse_lines,
     same_value,
 )
-from mopd.tasks.sandbox import SandboxLimits, run_python
+from mopd.tasks.sandbox import SandboxLimits, announce_isolation, run_python
 from mopd.types import Problem, Verdict
 
 __all__ = ["CodeTask", "extract_code"]
@@ -96,6 +96,7 @@ class CodeTask(FixedSplits):
                 )
         if not self.timeout_seconds > 0:
             raise ValueError(f"CodeTask.timeout_seconds must be > 0, got {self.timeout_seconds!r}")
+        announce_isolation()  # say once which isolation runs the generated code
         problems = _humaneval() if self.source == "humaneval" else _from_file(self.data)
         train, evals = split_rows(problems, self.n_eval, self.seed)
         self._set_splits(train, evals)
@@ -156,10 +157,12 @@ class CodeTask(FixedSplits):
         outcomes: dict[int, tuple[str, Any]] = {}
         setup_error = None
         for line in parse_lines(result.stdout, nonce):
-            record = json.loads(line)
+            record = _harness_record(line)
+            if record is None:  # only the program can have written this: it knows the nonce
+                return self._verdict(0, len(tests), "The program tampered with the test harness")
             if record[0] == "setup":
-                setup_error = record[1]
-            elif record[0] in ("result", "error") and isinstance(record[1], int):
+                setup_error = str(record[1])
+            elif record[0] in ("result", "error") and len(record) == 3:
                 outcomes.setdefault(record[1], (record[0], record[2]))
         passed, feedback = 0, None
         for i, test in enumerate(tests):
@@ -197,6 +200,22 @@ class CodeTask(FixedSplits):
             return self._verdict(1, 1, None)
         detail = lines[0][5:] if lines and lines[0].startswith("fail ") else _ended(result)
         return self._verdict(0, 1, f"The tests failed: {detail}")
+
+
+def _harness_record(line: str) -> list[Any] | None:
+    """A harness line as ``[kind, ...]``, or None when it is not what the harness writes."""
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, RecursionError):
+        return None
+    if not (isinstance(record, list) and record and record[0] in _RECORD_KINDS):
+        return None
+    if record[0] in ("result", "error") and not (len(record) == 3 and type(record[1]) is int):
+        return None
+    return record
+
+
+_RECORD_KINDS = ("setup", "result", "error", "done")
 
 
 def _normalise(text: str) -> str:

@@ -1,7 +1,20 @@
 """Run untrusted Python in a separate, resource-limited process.
 
-Model-generated code never runs in the trainer's process. `run_python` writes the program
-into a fresh temporary directory and starts
+Model-generated code never runs in the trainer's process. Three isolation levels, the
+strongest this machine allows (`isolation()`, probed once and announced at start):
+
+- ``bwrap``: bubblewrap (`tasks.bwrap`) with a private /proc, a read-only view of the
+  interpreter and system libraries only, size-limited tmpfs as the only writable places,
+  no network, no new user namespaces, uid `nobody`; plus a per-run cgroup
+  (`tasks.cgroups`) bounding the run's processes and memory (tmpfs included), so runs
+  side by side cannot starve each other. Needs `bwrap` (Debian package `bubblewrap`)
+  and writable v1 `pids`/`memory` cgroups (root).
+- ``namespaces``: `unshare` network, PID and mount namespaces, tmpfs over the
+  world-writable directories, uid `nobody` when root; rlimits per process and per user.
+- ``basic``: rlimits, a clean environment and a process-group kill only.
+
+In the two lower levels `run_python` writes the program into a fresh temporary
+directory and starts
 
     [unshare --net --pid --mount --fork --kill-child] python -I -S -c LAUNCHER CONFIG
 
@@ -23,11 +36,9 @@ overflow and after every run it SIGKILLs the whole process group. In a PID names
 kernel also kills every process of the namespace when its first process dies, so even a
 child that called setsid() cannot outlive the run. The directory is removed afterwards.
 
-Which isolation is available is probed once (`isolation()`); without namespaces (not
-root, or a container that forbids unshare) the run still has rlimits, a clean
-environment, a process-group kill and a private directory, but no network isolation and
-no protection of world-writable directories. docs/security.md lists what is and is not
-protected.
+In the ``bwrap`` level the same launcher sets the rlimits (not the uid or mounts:
+bubblewrap does) inside the bubblewrap sandbox, within the run's cgroup; the cgroup is
+emptied with SIGKILL after every run. docs/security.md lists what each level protects.
 """
 
 from __future__ import annotations
@@ -45,12 +56,24 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["Isolation", "RunResult", "SandboxLimits", "isolation", "run_python"]
+from mopd.tasks.bwrap import bwrap_available, bwrap_command, interpreter
+from mopd.tasks.cgroups import RunCgroup, cgroups_available
+
+__all__ = [
+    "Isolation",
+    "RunResult",
+    "SandboxLimits",
+    "announce_isolation",
+    "isolation",
+    "run_python",
+]
 
 NOBODY_UID = 65534
 _NAMESPACE_PREFIX = ("unshare", "--net", "--pid", "--mount", "--fork", "--kill-child")
 _WRITABLE_DIRS = ("/tmp", "/var/tmp", "/run/lock", "/dev/shm")
+TMPFS_BYTES = 16 * 2**20  # each of /work and /tmp in the bwrap level
 
 # Imported before the privilege drop: where the interpreter lives in a directory that the
 # `nobody` user cannot read (e.g. under /root), later imports of other modules fail.
@@ -62,7 +85,7 @@ PRELOADED_MODULES = (
 
 # Runs in the child before the program. Standard library only (`-I -S`: no site-packages,
 # no PYTHON* variables, no current directory on sys.path).
-_LAUNCHER = r"""
+_LAUNCHER = r"""# mopd sandbox launcher
 import builtins, ctypes, json, os, resource, sys
 cfg = json.loads(sys.argv[1])
 with open("main.py", encoding="utf-8") as f:
@@ -157,17 +180,49 @@ class Isolation:
 
     namespaces: bool  # network, PID and mount namespaces through `unshare`
     uid: int | None  # user the program runs as, None = the trainer's own user
+    bwrap: bool = False  # bubblewrap with a per-run cgroup: the strongest level
+
+    @property
+    def level(self) -> str:
+        return "bwrap" if self.bwrap else "namespaces" if self.namespaces else "basic"
+
+    def describe(self) -> str:
+        """One line for the user: the level and what it leaves open."""
+        if self.bwrap:
+            return "bwrap (private /proc and filesystem view, no network, per-run cgroup)"
+        if self.namespaces:
+            return (
+                "namespaces (no network, private /tmp; host files readable; install "
+                "bubblewrap as root for the bwrap level)"
+            )
+        return (
+            "basic (rlimits only: network, host files and /tmp are reachable; see docs/security.md)"
+        )
 
 
 @functools.lru_cache(maxsize=1)
 def isolation() -> Isolation:
-    """Probe for `unshare` namespaces and root (to drop to `nobody`)."""
+    """Probe bubblewrap + cgroups, then `unshare` namespaces, and root (to drop to `nobody`).
+
+    As root, bubblewrap's sandbox user is root outside its namespace, which RLIMIT_NPROC
+    does not limit: the bwrap level needs the per-run cgroup there.
+    """
     uid = NOBODY_UID if os.geteuid() == 0 else None
+    if bwrap_available() and (cgroups_available() or uid is None):
+        return Isolation(namespaces=True, uid=uid, bwrap=True)
     namespaces = False
     if shutil.which("unshare"):
         result = _run("pass", None, SandboxLimits(), Isolation(namespaces=True, uid=uid))
         namespaces = result.returncode == 0
     return Isolation(namespaces=namespaces, uid=uid)
+
+
+@functools.lru_cache(maxsize=1)
+def announce_isolation() -> Isolation:
+    """Probe once and say on stderr which isolation level runs generated code."""
+    iso = isolation()
+    print(f"mopd: code sandbox: {iso.describe()}", file=sys.stderr)
+    return iso
 
 
 def run_python(
@@ -182,24 +237,43 @@ def _run(source: str, stdin: str | None, limits: SandboxLimits, iso: Isolation) 
     try:
         with open(os.path.join(workdir, "main.py"), "w", encoding="utf-8") as f:
             f.write(source)
-        if iso.uid is not None:
-            os.chown(workdir, iso.uid, iso.uid)  # the program may write its own directory
-        config = {
-            "mount_dirs": list(_WRITABLE_DIRS) if iso.namespaces else [],
-            "uid": iso.uid,
-            "preload": list(PRELOADED_MODULES) if iso.uid is not None else [],
-            "limits": {
-                "RLIMIT_CPU": limits.cpu_seconds,
-                "RLIMIT_AS": limits.memory_mb * 2**20,
-                "RLIMIT_FSIZE": limits.max_file_bytes,
-                "RLIMIT_NPROC": limits.max_processes,
-                "RLIMIT_NOFILE": 64,
-                "RLIMIT_CORE": 0,
-            },
+        rlimits = {
+            "RLIMIT_CPU": limits.cpu_seconds,
+            "RLIMIT_AS": limits.memory_mb * 2**20,
+            "RLIMIT_FSIZE": limits.max_file_bytes,
+            "RLIMIT_NPROC": limits.max_processes,
+            "RLIMIT_NOFILE": 64,
+            "RLIMIT_CORE": 0,
         }
-        prefix = list(_NAMESPACE_PREFIX) if iso.namespaces else []
-        command = [*prefix, sys.executable, "-I", "-S", "-c", _LAUNCHER, json.dumps(config)]
-        return _communicate(command, workdir, stdin, limits)
+        if iso.bwrap:  # bubblewrap sets the user and the mounts; the cgroup the processes
+            config: dict[str, Any] = {
+                "mount_dirs": [],
+                "uid": None,
+                "preload": [],
+                "limits": rlimits,
+            }
+            if os.geteuid() == 0:  # root outside the namespace: NPROC does not apply
+                del rlimits["RLIMIT_NPROC"]
+            os.chmod(workdir, 0o755)
+            prefix = bwrap_command(workdir, tmpfs_bytes=TMPFS_BYTES)
+            python = interpreter()[0]
+        else:
+            if iso.uid is not None:
+                os.chown(workdir, iso.uid, iso.uid)  # the program may write its own directory
+            config = {
+                "mount_dirs": list(_WRITABLE_DIRS) if iso.namespaces else [],
+                "uid": iso.uid,
+                "preload": list(PRELOADED_MODULES) if iso.uid is not None else [],
+                "limits": rlimits,
+            }
+            prefix = list(_NAMESPACE_PREFIX) if iso.namespaces else []
+            python = sys.executable
+        command = [*prefix, python, "-I", "-S", "-c", _LAUNCHER, json.dumps(config)]
+        if not (iso.bwrap and cgroups_available()):
+            return _communicate(command, workdir, stdin, limits)
+        memory = limits.memory_mb * 2**20 + 2 * TMPFS_BYTES
+        with RunCgroup(max_processes=limits.max_processes, memory_bytes=memory) as group:
+            return _communicate(group.wrap(command), workdir, stdin, limits)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
