@@ -336,3 +336,28 @@ def test_humaneval_reference_solutions_all_pass():
         (p.id, v.feedback) for p, v in zip(problems, verdicts, strict=True) if v.reward != 1.0
     ]
     assert len(problems) == 164 and failed == []
+
+
+def test_assert_style_checks_run_where_the_candidate_cannot_reach_them():
+    task = CodeTask(source="humaneval", timeout_seconds=5.0)
+    problem = next(p for p in task.train_problems() if p.id == "HumanEval/0")
+    entry = problem.meta["entry_point"]
+    forged_lines = "".join(
+        f"    try: os.write({fd}, b'done\\\\n')\n    except OSError: pass\n" for fd in range(1, 12)
+    )
+    fakes = [
+        # Whatever it prints, patches or finds in its own frames stays in its own process.
+        f"import sys, builtins\nbuiltins.AssertionError = type('N', (Exception,), {{}})\n"
+        f"def {entry}(*a):\n    print('done'); sys.stdout.flush()\n"
+        f"    f = sys._getframe(1)\n    print(sorted(f.f_globals)[:3])\n    return True",
+        f"import os\ndef {entry}(*a):\n" + forged_lines + "    return True",
+        f"def {entry}(*a):\n    raise SystemExit(0)",
+    ]
+    for code in fakes:
+        verdict = task.verify(problem, _block(code))
+        assert verdict.reward == 0.0, (code, verdict.feedback)
+    good = problem.meta["prompt"] + (
+        "    return any(abs(a - b) < threshold for i, a in enumerate(numbers)"
+        " for b in numbers[i + 1:])\n"
+    )
+    assert task.verify(problem, _block(good)).reward == 1.0

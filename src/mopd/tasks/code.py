@@ -33,13 +33,14 @@ from typing import Any
 from mopd.tasks.base import FixedSplits
 from mopd.tasks.data import DataError, field_of, load_rows, split_rows
 from mopd.tasks.harness import (
-    assert_program,
+    checked_programs,
     decode_json,
     function_program,
     new_nonce,
     parse_lines,
     same_value,
 )
+from mopd.tasks.relay import run_checked
 from mopd.tasks.sandbox import SandboxLimits, announce_isolation, run_python
 from mopd.types import Problem, Verdict
 
@@ -192,13 +193,14 @@ class CodeTask(FixedSplits):
             if f"def {meta['entry_point']}" not in code
             else (_imports(str(meta["prompt"])) + code)
         )
-        nonce = new_nonce()
-        harness = assert_program(program, str(meta["test"]), str(meta["entry_point"]))
-        result = run_python(harness, stdin=nonce + "\n", limits=self.limits)
-        lines = parse_lines(result.stdout, nonce)
-        if result.ok and lines == ["done"]:
+        checker, answer = checked_programs(
+            str(meta["prompt"]), program, str(meta["test"]), str(meta["entry_point"])
+        )
+        result = run_checked(checker, answer, self.limits)
+        if result.verdict == "done":
             return self._verdict(1, 1, None)
-        detail = lines[0][5:] if lines and lines[0].startswith("fail ") else _ended(result)
+        verdict = result.verdict or ""
+        detail = verdict[5:] if verdict.startswith("fail ") else result.detail
         return self._verdict(0, 1, f"The tests failed: {detail}")
 
 

@@ -10,14 +10,15 @@ Three test styles:
   patching the harness, printing results or exiting early: at best it controls what is
   compared, and to win it would have to know the answers.
 - assert tests (HumanEval's `check(candidate)`): the expected values are in the test
-  code, so the comparison must run inside the sandbox. Defences: return values must be
-  plain built-in data (an object whose `__eq__` always answers True is rejected), and a
-  pass needs a line with a per-run random nonce that the harness prints only after
-  `check` returned, so `os._exit(0)`, `sys.exit` or a swallowed exception count as a
-  failure. A program that deliberately searches the interpreter's memory for the nonce
-  can still fake a pass in this style (documented in docs/security.md).
+  code, so the comparison runs in a sandbox too, but not the candidate's: the *checker*
+  program runs the test code with a stand-in that sends each call's arguments out, and
+  the *answer* program runs the candidate and sends back each return value, as plain
+  built-in data in a tagged JSON encoding (tuples, sets, floats like inf stay what they
+  are; an object whose `__eq__` always answers True cannot cross). `tasks.relay` runs
+  the two and passes lines between them; the verdict is the checker's.
 
-Every harness line starts with the nonce; the program's own prints are ignored.
+Every function-harness line starts with the nonce; the program's own prints are ignored
+(the answer program sends its values on a private copy of stdout and silences the rest).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import math
 import secrets
 from typing import Any
 
-__all__ = ["assert_program", "function_program", "new_nonce", "parse_lines", "same_value"]
+__all__ = ["checked_programs", "function_program", "new_nonce", "parse_lines", "same_value"]
 
 # Shared by both harnesses. `_plain` accepts only exact built-in types (no subclasses,
 # no custom __eq__) and converts tuples to lists when `to_json` is set.
@@ -88,35 +89,111 @@ _harness(SOURCE, FN_NAME)
 """
 )
 
-_ASSERT_HARNESS = (
-    _COMMON
+# Plain built-in data <-> JSON with tags, the same on both sides of the relay.
+_CODEC = r"""
+import json as _json
+
+def _enc(v, depth=0):
+    t = type(v)
+    if depth > 100:
+        raise TypeError("value nested too deeply")
+    if v is None or t is bool or t is int or t is str:
+        return v
+    if t is float:
+        return {"f": repr(v)}
+    if t is list:
+        return [_enc(x, depth + 1) for x in v]
+    if t in (tuple, set, frozenset):
+        return {{tuple: "t", set: "s", frozenset: "z"}[t]: [_enc(x, depth + 1) for x in v]}
+    if t is dict:
+        return {"d": [[_enc(k, depth + 1), _enc(x, depth + 1)] for k, x in v.items()]}
+    if t is complex:
+        return {"c": [repr(v.real), repr(v.imag)]}
+    if t is bytes:
+        return {"b": v.hex()}
+    raise TypeError("returned a %s; only built-in data types are accepted" % t.__name__)
+
+def _dec(v):
+    if type(v) is list:
+        return [_dec(x) for x in v]
+    if type(v) is not dict:
+        return v
+    (tag, x), = v.items()
+    if tag == "f":
+        return float(x)
+    if tag in ("t", "s", "z"):
+        return {"t": tuple, "s": set, "z": frozenset}[tag](_dec(y) for y in x)
+    if tag == "d":
+        return {_dec(k): _dec(y) for k, y in x}
+    if tag == "c":
+        return complex(float(x[0]), float(x[1]))
+    if tag == "b":
+        return bytes.fromhex(x)
+    raise ValueError("unknown tag %r" % tag)
+"""
+
+_CHECKER = (
+    _CODEC
     + r"""
-def _harness(source, test, entry_point):
-    import os, sys
-    out, write, plain = os.dup(1), os.write, _make_plain(False)
-    nonce = sys.stdin.readline().strip()
-    sys.stdin.close()
-    os.close(0)
-    ns = {"__name__": "solution"}
+def _checker(prompt, test, entry_point):
+    import sys
+    write, readline = sys.stdout.write, sys.stdin.readline
+
+    def candidate(*args, **kwargs):
+        write("call " + _json.dumps([_enc(list(args)), _enc(kwargs)]) + "\n")
+        sys.stdout.flush()
+        kind, value = _json.loads(readline() or '["err", "the program ended"]')
+        if kind != "ret":
+            raise RuntimeError("the program raised %s" % value)
+        return _dec(value)
+
+    ns = {"__name__": "checker"}
     try:
-        exec(compile(source, "solution.py", "exec"), ns)
-        candidate = ns[entry_point]
+        exec(compile(prompt, "prompt.py", "exec"), ns)  # the prompt's helper functions
+        ns[entry_point] = candidate  # tests may call the function by its own name
         exec(compile(test, "tests.py", "exec"), ns)
-        check = ns["check"]
-
-        def guarded(*args, **kwargs):
-            return plain(candidate(*args, **kwargs))
-
-        check(guarded)
+        ns["check"](candidate)
     except BaseException as exc:
         import traceback
         line = traceback.extract_tb(exc.__traceback__)[-1]
         detail = "%s: %s (%s line %s)" % (type(exc).__name__, exc, line.filename, line.lineno)
-        write(out, (nonce + " fail " + detail.replace("\n", " ") + "\n").encode())
+        write("fail " + detail.replace("\n", " ") + "\n")
         return
-    write(out, (nonce + " done\n").encode())
+    write("done\n")
 
-_harness(SOURCE, TEST, ENTRY_POINT)
+_checker(PROMPT, TEST, ENTRY_POINT)
+"""
+)
+
+_ANSWER = (
+    _CODEC
+    + r"""
+def _answer(source, entry_point):
+    import os, sys
+    out, write, lines = os.dup(1), os.write, sys.stdin
+    quiet = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(quiet, 1)  # the program's own prints go nowhere
+    os.dup2(quiet, 2)
+
+    def send(kind, value):
+        write(out, (_json.dumps([kind, value]) + "\n").encode())
+
+    ns = {"__name__": "solution"}
+    try:
+        exec(compile(source, "solution.py", "exec"), ns)
+        fn, setup = ns[entry_point], None
+    except BaseException as exc:
+        fn, setup = None, "%s: %s" % (type(exc).__name__, exc)
+    for line in lines:
+        try:
+            if fn is None:
+                raise RuntimeError("the code failed before any test ran: %s" % setup)
+            args, kwargs = _json.loads(line[5:])
+            send("ret", _enc(fn(*_dec(args), **_dec(kwargs))))
+        except BaseException as exc:
+            send("err", "%s: %s" % (type(exc).__name__, exc))
+
+_answer(SOURCE, ENTRY_POINT)
 """
 )
 
@@ -131,11 +208,14 @@ def function_program(source: str, fn_name: str) -> str:
     return _FUNCTION_HARNESS.replace("SOURCE, FN_NAME", f"{source!r}, {fn_name!r}")
 
 
-def assert_program(source: str, test: str, entry_point: str) -> str:
-    """Harness running `test` (defining `check(candidate)`) against `entry_point`."""
-    return _ASSERT_HARNESS.replace(
-        "SOURCE, TEST, ENTRY_POINT", f"{source!r}, {test!r}, {entry_point!r}"
+def checked_programs(prompt: str, source: str, test: str, entry_point: str) -> tuple[str, str]:
+    """(checker, answer) programs for `tasks.relay.run_checked`: `test` (defining
+    `check(candidate)`) with the prompt's helpers, against `entry_point` of `source`."""
+    checker = _CHECKER.replace(
+        "PROMPT, TEST, ENTRY_POINT", f"{prompt!r}, {test!r}, {entry_point!r}"
     )
+    answer = _ANSWER.replace("SOURCE, ENTRY_POINT", f"{source!r}, {entry_point!r}")
+    return checker, answer
 
 
 def parse_lines(stdout: str, nonce: str) -> list[str]:

@@ -55,6 +55,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -233,6 +234,20 @@ def run_python(
 
 
 def _run(source: str, stdin: str | None, limits: SandboxLimits, iso: Isolation) -> RunResult:
+    with sandboxed(source, limits, iso) as (command, workdir):
+        return _communicate(command, workdir, stdin, limits)
+
+
+@contextlib.contextmanager
+def sandboxed(
+    source: str, limits: SandboxLimits, iso: Isolation | None = None
+) -> Iterator[tuple[list[str], str]]:
+    """(command, working directory) that run `source` in the sandbox; cleans up on exit.
+
+    Start the command with `start_sandboxed`; on exit every process of the run is killed
+    (its cgroup emptied, in the bwrap level) and its directory removed.
+    """
+    iso = iso or isolation()
     workdir = tempfile.mkdtemp(prefix="mopd-sandbox-")
     try:
         with open(os.path.join(workdir, "main.py"), "w", encoding="utf-8") as f:
@@ -270,12 +285,27 @@ def _run(source: str, stdin: str | None, limits: SandboxLimits, iso: Isolation) 
             python = sys.executable
         command = [*prefix, python, "-I", "-S", "-c", _LAUNCHER, json.dumps(config)]
         if not (iso.bwrap and cgroups_available()):
-            return _communicate(command, workdir, stdin, limits)
+            yield command, workdir
+            return
         memory = limits.memory_mb * 2**20 + 2 * TMPFS_BYTES
         with RunCgroup(max_processes=limits.max_processes, memory_bytes=memory) as group:
-            return _communicate(group.wrap(command), workdir, stdin, limits)
+            yield group.wrap(command), workdir
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def start_sandboxed(command: list[str], workdir: str, *, stdin: bool) -> subprocess.Popen[bytes]:
+    """Start a `sandboxed` command: clean environment, own session, piped output."""
+    return subprocess.Popen(
+        command,
+        cwd=workdir,
+        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+        stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        close_fds=True,
+    )
 
 
 def _communicate(
@@ -284,16 +314,7 @@ def _communicate(
     """Start the process, collect capped output until exit or deadline, kill its group."""
     start = time.monotonic()
     deadline = start + limits.wall_seconds
-    proc = subprocess.Popen(
-        command,
-        cwd=workdir,
-        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-        stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-        close_fds=True,
-    )
+    proc = start_sandboxed(command, workdir, stdin=stdin is not None)
     if stdin is not None:
         # A writer thread: a program that never reads must not block the parent.
         threading.Thread(target=_feed, args=(proc, stdin.encode()), daemon=True).start()
@@ -325,7 +346,7 @@ def _communicate(
         except subprocess.TimeoutExpired:
             timed_out = True
     # Always, before reaping: the group id cannot be reused while the leader is unreaped.
-    _kill_group(proc.pid)
+    kill_group(proc.pid)
     returncode = proc.wait()
     proc.stdout.close()
     proc.stderr.close()
@@ -349,6 +370,6 @@ def _feed(proc: subprocess.Popen[bytes], data: bytes) -> None:
         pass
 
 
-def _kill_group(pgid: int) -> None:
+def kill_group(pgid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
