@@ -361,3 +361,29 @@ def test_assert_style_checks_run_where_the_candidate_cannot_reach_them():
         " for b in numbers[i + 1:])\n"
     )
     assert task.verify(problem, _block(good)).reward == 1.0
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        # thread bomb
+        "import threading, time\nwhile True:\n    threading.Thread(target=time.sleep, args=(60,)).start()",
+        # fd exhaustion
+        "fs = []\nwhile True: fs.append(open('main.py'))",
+        # signal games: ignore every catchable signal, then spin
+        "import signal\nfor s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGALRM):\n"
+        "    signal.signal(s, signal.SIG_IGN)\nwhile True: pass",
+        # a detached child that outlives its parent
+        "import os, time\nif os.fork() == 0:\n    os.setsid(); time.sleep(60)\nprint('parent done')",
+    ],
+    ids=["thread-bomb", "fd-exhaustion", "signal-games", "detached-child"],
+)
+def test_hostile_programs_end_within_their_limit_and_leave_nothing(code):
+    start = time.monotonic()
+    result = run_python(code, limits=FAST)
+    assert time.monotonic() - start < FAST.wall_seconds + 3.0
+    assert not result.ok or "parent done" in result.stdout
+    deadline = time.monotonic() + 3.0
+    while _sandbox_user_processes() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _sandbox_user_processes() == []
