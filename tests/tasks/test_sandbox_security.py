@@ -387,3 +387,17 @@ def test_hostile_programs_end_within_their_limit_and_leave_nothing(code):
     while _sandbox_user_processes() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _sandbox_user_processes() == []
+
+
+def test_eight_responses_verify_in_about_the_time_of_the_slowest(tmp_path):
+    data = tmp_path / "code.jsonl"
+    data.write_text('{"id": "d", "question": "2n", "tests": [{"input": "3\\n", "output": "6"}]}\n')
+    task = CodeTask(data=str(data), timeout_seconds=3.0, workers=8)
+    problem = task.train_problems()[0]
+    slow = _block("import time\ntime.sleep(1.5)\nprint(2 * int(input()))")
+    hung = _block("import time\ntime.sleep(60)")
+    start = time.monotonic()
+    verdicts = task.verify_batch([problem] * 8, [hung, *[slow] * 7])
+    assert [v.reward for v in verdicts] == [0.0, *[1.0] * 7]
+    # The hung one's limit plus start-up; one at a time it would take over 13 s.
+    assert time.monotonic() - start < 3.0 + 5.0
