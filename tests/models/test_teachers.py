@@ -188,3 +188,73 @@ def test_external_teacher_scores_with_its_own_frozen_model(tokenizer, batch) -> 
     assert teacher.state_dict() == {}
     with pytest.raises(ValueError, match="stores no state"):
         teacher.load_state_dict({"w": torch.zeros(1)})
+
+
+def _nudge(model, scale: float = 1e-4, seed: int = 3) -> None:
+    """A LoRA-sized change: every weight moves by about `scale` of its size."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            noise = torch.randn(p.shape, generator=gen) * scale * p.float().abs().mean()
+            p.copy_((p.float() + noise).to(p.dtype))
+
+
+def test_bf16_ema_keeps_an_exact_float32_average(tokenizer) -> None:
+    student = make_tiny_model(tokenizer).to(torch.bfloat16)
+    teacher = EmaTeacher(student, rate=0.05)
+    start = _params64(student)
+    _nudge(student, scale=2e-2)  # large enough to move in bf16
+    after = _params64(student)
+    teacher.update(student)
+    moved = [n for n in start if not torch.equal(start[n], after[n])]
+    assert moved and set(teacher.exact) == set(moved)
+    params = dict(teacher.model.named_parameters())
+    for name in moved:
+        expected = start[name] + 0.05 * (after[name] - start[name])  # step 1 moves by the rate
+        torch.testing.assert_close(teacher.exact[name].double(), expected, rtol=1e-6, atol=1e-9)
+        assert torch.equal(params[name], teacher.exact[name].to(torch.bfloat16))
+
+
+def test_bf16_ema_follows_changes_below_bf16_resolution(tokenizer) -> None:
+    student = make_tiny_model(tokenizer).to(torch.bfloat16)
+    teacher = EmaTeacher(student, rate=0.05)
+    naive = copy.deepcopy(teacher.model)
+    reference = _params64(student)
+    for step in range(20):
+        _nudge(student, scale=2e-2, seed=step)
+        teacher.update(student)
+        with torch.no_grad():
+            for mine, theirs in zip(naive.parameters(), student.parameters(), strict=True):
+                mine.lerp_(theirs, 0.05)  # what a bf16 EMA without the record does
+        for name, value in _params64(student).items():
+            reference[name] += 0.05 * (value - reference[name])
+    name = "model.layers.0.mlp.up_proj.weight"
+    exact_err = (teacher.exact[name].double() - reference[name]).abs().max()
+    naive_err = (dict(naive.named_parameters())[name].double() - reference[name]).abs().max()
+    assert exact_err < 1e-6 < naive_err
+
+
+def test_bf16_ema_record_survives_a_checkpoint_round_trip(tokenizer) -> None:
+    student = make_tiny_model(tokenizer).to(torch.bfloat16)
+    teacher = EmaTeacher(student, rate=0.05)
+    _nudge(student, scale=2e-2)
+    teacher.update(student)
+    state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    assert any(k.startswith("ema_float32.") for k in state)
+    restored = EmaTeacher(make_tiny_model(tokenizer, seed=5).to(torch.bfloat16), rate=0.05)
+    restored.load_state_dict(state)
+    assert restored.exact.keys() == teacher.exact.keys()
+    for name, value in teacher.exact.items():
+        assert torch.equal(restored.exact[name], value)
+    for a, b in zip(restored.model.parameters(), teacher.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_float32_ema_keeps_no_record(tokenizer) -> None:
+    student = make_tiny_model(tokenizer)
+    teacher = EmaTeacher(student, rate=0.05)
+    _nudge(student)
+    teacher.update(student)
+    assert teacher.exact == {} and not any(
+        k.startswith("ema_float32.") for k in teacher.state_dict()
+    )

@@ -68,6 +68,25 @@ def test_ema_teacher_moves_by_the_configured_rate_on_step_one(tmp_path, tiny_mod
     assert moved
 
 
+def test_bf16_ema_teacher_moves_by_the_rate_on_step_one(tmp_path, tiny_model_dir):
+    rate = 0.05
+    trainer = Trainer(
+        _config(
+            tmp_path, tiny_model_dir, "mopd", "train.steps=1", f"teacher.ema_rate={rate}",
+            "model.dtype=bfloat16",
+        )
+    )  # fmt: skip
+    theta0 = {k: v.double() for k, v in _params(trainer.student).items()}
+    trainer.train()
+    theta1 = {k: v.double() for k, v in _params(trainer.student).items()}
+    exact = trainer.teacher.exact  # type: ignore[union-attr]
+    moved = [k for k in theta0 if not torch.equal(theta0[k], theta1[k])]
+    assert moved and set(exact) == set(moved)
+    for name in moved:
+        expected = theta0[name] + rate * (theta1[name] - theta0[name])
+        torch.testing.assert_close(exact[name].double(), expected, rtol=1e-6, atol=1e-9)
+
+
 def test_rollouts_without_context_get_no_loss(tmp_path, tiny_model_dir):
     # The base context (no peers) leaves every rollout without a teacher context.
     cfg = _config(

@@ -94,22 +94,26 @@ def add_lora(
         return peft.get_peft_model(model, config)
 
 
-def _lora_delta(module: Any, weight: Tensor) -> Tensor:
-    """``W + Σ_active s·B·A`` of one PEFT LoRA layer, in `weight`'s dtype (fresh tensor)."""
-    out = weight.detach().clone()
+def _lora_delta(module: Any, weight: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """``W + Σ_active s·B·A`` of one PEFT LoRA layer, in `dtype` (default: `weight`'s),
+    as a fresh tensor. In float32 the sum keeps changes below a bf16 weight's resolution."""
+    out = weight.detach().to(dtype or weight.dtype, copy=True)
     for adapter in module.active_adapters:
         if adapter in module.lora_A and not module.merged:
             out += module.get_delta_weight(adapter).to(out.dtype)
     return out
 
 
-def effective_parameters(model: Any) -> Iterator[tuple[str, Tensor]]:
+def effective_parameters(
+    model: Any, *, dtype: torch.dtype | None = None
+) -> Iterator[tuple[str, Tensor]]:
     """``(name, weight)`` of the model the student computes, named as in a plain model.
 
     For a PEFT model, adapted layers give ``W + s·B·A`` (a new tensor per layer, built
-    when the iterator reaches it) under the base layer's plain name; other parameters are
-    yielded detached. A plain model yields its detached parameters. Tied parameters are
-    yielded once, under their first name, like ``named_parameters``.
+    when the iterator reaches it, in `dtype` when given) under the base layer's plain
+    name; other parameters are yielded detached. A plain model yields its detached
+    parameters. Tied parameters are yielded once, under their first name, like
+    ``named_parameters``.
     """
     if not is_adapted(model):
         for name, param in model.named_parameters():
@@ -125,7 +129,9 @@ def effective_parameters(model: Any) -> Iterator[tuple[str, Tensor]]:
             for pname, param in base.named_parameters(recurse=False):
                 if id(param) not in seen:
                     seen.add(id(param))
-                    value = _lora_delta(module, param) if pname == "weight" else param.detach()
+                    value = (
+                        _lora_delta(module, param, dtype) if pname == "weight" else param.detach()
+                    )
                     yield prefix + pname, value
             return
         for pname, param in module.named_parameters(recurse=False):

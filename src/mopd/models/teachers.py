@@ -24,6 +24,13 @@ never the adapter factors.
 A sharded student (``train.parallel=fsdp``, :mod:`mopd.models.sharding`) gets teachers
 sharded the same way: the EMA runs on each process's shards, and the state dicts for
 checkpoints are full (gathered on rank 0; loading takes the full dict on every process).
+
+Half-precision EMA. A bfloat16 weight cannot hold an average of students: for a
+1536×1536 layer (weights ~0.02) and a LoRA-sized change of 1e-4, one bf16
+``lerp(θ_T, θ_S, 0.05)`` moves about 6% of the entries by a whole rounding step and leaves
+the rest unchanged. A non-sharded EMA teacher in half precision therefore keeps a float32
+record of the average for every weight that has moved (`EmaTeacher.exact`); the model
+holds its rounding for the forward passes, and the record is checkpointed with it.
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 TEACHER_KINDS = ("ema", "trust-region", "external")
+EXACT_PREFIX = "ema_float32."  # checkpoint keys of the float32 EMA record
 
 
 def _frozen(model: PreTrainedModel) -> PreTrainedModel:
@@ -134,6 +142,36 @@ class EmaTeacher(_CopyTeacher):
             raise ValueError(f"EMA rate must be in [0, 1], got {rate}")
         super().__init__(student)
         self.rate = rate
+        # name -> float32 average, for half-precision weights that have moved (module doc).
+        self.exact: dict[str, Tensor] = {}
+        self._half = not is_sharded(self.model) and any(
+            p.dtype in (torch.bfloat16, torch.float16) for p in self.model.parameters()
+        )
+
+    def _lerp_exact(self, name: str, param: Tensor, target: Tensor) -> None:
+        """``param ← round(average)`` with the average kept in float32."""
+        record = self.exact.get(name)
+        if record is None:
+            if torch.equal(param.float(), target.float()):
+                return  # never moved (e.g. frozen under LoRA): nothing to record
+            record = self.exact[name] = param.float()
+        record.lerp_(target.float(), self.rate)
+        param.copy_(record)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        state = super().state_dict()
+        state.update({EXACT_PREFIX + name: t for name, t in self.exact.items()})
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        model = {k: v for k, v in state.items() if not k.startswith(EXACT_PREFIX)}
+        super().load_state_dict(model)
+        params = dict(self.model.named_parameters())
+        self.exact = {
+            k[len(EXACT_PREFIX) :]: v.float().to(params[k[len(EXACT_PREFIX) :]].device)
+            for k, v in state.items()
+            if k.startswith(EXACT_PREFIX)
+        }
 
     def logits(
         self, batch: ScoringBatch, *, student: PreTrainedModel, temperature: float = 1.0
@@ -164,7 +202,10 @@ class EmaTeacher(_CopyTeacher):
         names = list(teacher_params)
         ours: list[Tensor] = [local(teacher_params[n]) for n in names]
         theirs: list[Tensor] = [local(student_params[n].detach()) for n in names]
-        if hasattr(torch, "_foreach_lerp_"):
+        if self._half:
+            for name, mine, other in zip(names, ours, theirs, strict=True):
+                self._lerp_exact(name, mine, other)
+        elif hasattr(torch, "_foreach_lerp_"):
             torch._foreach_lerp_(ours, theirs, self.rate)
         else:  # pragma: no cover - very old torch
             for mine, other in zip(ours, theirs, strict=True):
@@ -177,10 +218,14 @@ class EmaTeacher(_CopyTeacher):
         """The EMA toward effective weights computed one layer at a time (bounded memory)."""
         teacher_params = dict(self.model.named_parameters())
         done: set[str] = set()
-        for name, value in effective_parameters(student):
+        exact_dtype = torch.float32 if self._half else None  # keep sub-bf16 LoRA changes
+        for name, value in effective_parameters(student, dtype=exact_dtype):
             if name not in teacher_params:
                 raise ValueError(f"student weight {name!r} has no counterpart in the EMA teacher")
-            teacher_params[name].lerp_(value.to(teacher_params[name].dtype), self.rate)
+            if self._half:
+                self._lerp_exact(name, teacher_params[name], value)
+            else:
+                teacher_params[name].lerp_(value.to(teacher_params[name].dtype), self.rate)
             done.add(name)
         if done != teacher_params.keys():
             missing = sorted(teacher_params.keys() - done)[:3]
