@@ -69,3 +69,39 @@ def test_train_then_resume_then_eval_from_the_command_line(tmp_path, tiny_model_
     )
     assert code == 0
     assert "eval/mean@2" in (tmp_path / "eval.json").read_text()
+
+
+def _no_model_loads(monkeypatch) -> None:
+    """Fail the test if anything tries to load a model or tokenizer."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input error was reported")
+
+    monkeypatch.setattr("mopd.models.loading.load_model", refuse)
+    monkeypatch.setattr("mopd.models.loading.load_tokenizer", refuse)
+    monkeypatch.setattr("mopd.training.build.load_model", refuse)
+    monkeypatch.setattr("mopd.training.build.load_tokenizer", refuse)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["task.name=math", "task.options.data=algebra.jsonl"], "algebra.jsonl: no such data file"),
+        (["task.options.digit=2"], "has no option 'digit'"),
+        (["task.name=nope"], "unknown task 'nope'"),
+        (["task.name=code", "task.options.data=BAD"], "field 'tests'"),
+    ],
+)
+def test_task_option_and_data_errors_are_one_line_before_any_model_loads(
+    tmp_path, monkeypatch, capsys, overrides, expected
+):
+    _no_model_loads(monkeypatch)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "p", "question": "double it"}\n')  # no "tests" field
+    overrides = [o.replace("BAD", str(bad)) for o in overrides]
+    monkeypatch.chdir(tmp_path)
+    code = main(["train", f"logging.output_dir={tmp_path}", *overrides])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("mopd: error: ") and expected in err[0], err

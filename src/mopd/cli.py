@@ -24,6 +24,7 @@ from mopd.config import (
     to_dict,
     valid_keys,
 )
+from mopd.tasks.registry import TaskError
 
 if TYPE_CHECKING:
     from mopd.evaluation.evaluate import EvalSamples
@@ -385,8 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         commands = {"train": _train, "eval": _eval, "analyze": _analyze, "report": _report}
         return commands[args.command](args)
-    except ConfigError as exc:
-        print(f"mopd: config error: {exc}", file=sys.stderr)
+    except (ConfigError, TaskError) as exc:  # the user's input: one line, no traceback
+        print(f"mopd: error: {exc}", file=sys.stderr)
         return 2
 
 

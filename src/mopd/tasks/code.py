@@ -97,10 +97,10 @@ class CodeTask(FixedSplits):
                 )
         if not self.timeout_seconds > 0:
             raise ValueError(f"CodeTask.timeout_seconds must be > 0, got {self.timeout_seconds!r}")
-        announce_isolation()  # say once which isolation runs the generated code
         problems = _humaneval() if self.source == "humaneval" else _from_file(self.data)
         train, evals = split_rows(problems, self.n_eval, self.seed)
         self._set_splits(train, evals)
+        announce_isolation()  # say once which isolation runs the generated code
 
     @property
     def name(self) -> str:

@@ -41,29 +41,33 @@ BUILTIN_TASKS: Mapping[str, Callable[..., Task]] = {
 _REQUIRED_METHODS = ("train_problems", "eval_problems", "verify")
 
 
+class TaskError(ValueError):
+    """A task name, option or data file the user must fix (the message says which)."""
+
+
 def build_task(name: str, options: Mapping[str, Any]) -> Task:
     """Build the task `name` with keyword `options`.
 
     Raises:
-        ValueError: unknown name, unloadable plugin, options the factory does not accept,
-            invalid option values, or a plugin result that is not a Task.
+        TaskError: unknown name, unloadable plugin, options the factory does not accept,
+            invalid option values or data, or a plugin result that is not a Task.
     """
     if ":" in name:
         factory = _load_plugin(name)
     elif name in BUILTIN_TASKS:
         factory = BUILTIN_TASKS[name]
     else:
-        raise ValueError(
+        raise TaskError(
             f"unknown task {name!r}; built-in tasks: {', '.join(sorted(BUILTIN_TASKS))}; "
             "for your own task give 'package.module:factory'"
         )
     _check_options(name, factory, options)
     try:
         task = factory(**options)
-    except ValueError as exc:  # a constructor's validation names the field; add the task
-        raise ValueError(f"task {name!r}: {exc}") from exc
+    except ValueError as exc:  # validation and data errors name the field; add the task
+        raise TaskError(f"task {name!r}: {exc}") from exc
     except TypeError as exc:  # signature unavailable or a type the factory rejects
-        raise ValueError(f"task {name!r} rejected its options {dict(options)!r}: {exc}") from exc
+        raise TaskError(f"task {name!r} rejected its options {dict(options)!r}: {exc}") from exc
     _check_is_task(name, task)
     return task
 
@@ -71,21 +75,21 @@ def build_task(name: str, options: Mapping[str, Any]) -> Task:
 def _load_plugin(spec: str) -> Callable[..., Any]:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise ValueError(f"task {spec!r} must have the form 'package.module:factory'")
+        raise TaskError(f"task {spec!r} must have the form 'package.module:factory'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ValueError(
+        raise TaskError(
             f"task {spec!r}: cannot import module {module_name!r} ({exc}); "
             "is it installed or on PYTHONPATH?"
         ) from exc
     factory: Any = module
     for part in attr.split("."):  # allows "module:Class.factory_method"
         if not hasattr(factory, part):
-            raise ValueError(f"task {spec!r}: module {module_name!r} has no attribute {attr!r}")
+            raise TaskError(f"task {spec!r}: module {module_name!r} has no attribute {attr!r}")
         factory = getattr(factory, part)
     if not callable(factory):
-        raise ValueError(f"task {spec!r}: {attr!r} is a {type(factory).__name__}, not callable")
+        raise TaskError(f"task {spec!r}: {attr!r} is a {type(factory).__name__}, not callable")
     return factory  # type: ignore[no-any-return]
 
 
@@ -100,13 +104,13 @@ def _check_options(name: str, factory: Callable[..., Any], options: Mapping[str,
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
     unknown = [key for key in options if key not in {p.name for p in params}]
     if unknown and not takes_any:
-        raise ValueError(
+        raise TaskError(
             f"task {name!r} has no option {', '.join(map(repr, unknown))}; "
             f"its options are: {', '.join(p.name for p in params) or '(none)'}"
         )
     missing = [p.name for p in params if p.default is p.empty and p.name not in options]
     if missing:
-        raise ValueError(f"task {name!r} needs option {', '.join(map(repr, missing))}")
+        raise TaskError(f"task {name!r} needs option {', '.join(map(repr, missing))}")
 
 
 def _check_is_task(name: str, task: Any) -> None:
@@ -114,7 +118,7 @@ def _check_is_task(name: str, task: Any) -> None:
     if not isinstance(getattr(task, "name", None), str):
         missing.insert(0, "name (a str)")
     if missing:
-        raise ValueError(
+        raise TaskError(
             f"task {name!r} built a {type(task).__name__} that is not a Task: missing "
             f"{', '.join(missing)} (see mopd.tasks.Task)"
         )
