@@ -105,3 +105,44 @@ def test_task_option_and_data_errors_are_one_line_before_any_model_loads(
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and err[0].startswith("mopd: error: ") and expected in err[0], err
+
+
+@pytest.mark.integration
+def test_ctrl_c_finishes_the_step_saves_a_checkpoint_and_prints_the_resume_command(
+    tmp_path, tiny_model_dir
+):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from tasks_for_tests import tiny_run_overrides
+
+    tests = str(Path(__file__).resolve().parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+    overrides = [*tiny_run_overrides(tmp_path, tiny_model_dir), "train.steps=50"]
+    overrides += ["logging.run_name=stopped", "rollout.max_new_tokens=4", "eval.k=1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mopd.cli", "train", *overrides],
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    metrics = tmp_path / "stopped" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and '"loss/total"' in metrics.read_text()):
+        assert time.monotonic() < deadline and proc.poll() is None, "no training step"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert f"mopd train --resume {tmp_path / 'stopped'}" in err and "Traceback" not in err
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    last = max(steps)
+    assert 1 <= last < 50
+    latest = (tmp_path / "stopped" / "checkpoints" / "latest").read_text().strip()
+    assert latest == f"step-{last:06d}"

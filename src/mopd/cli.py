@@ -153,11 +153,21 @@ def _train(args: argparse.Namespace) -> int:
     else:
         config = load_config(args.config or "demo", args.overrides)
         trainer = Trainer(config)
+    from mopd.training.interrupt import TrainingInterrupted
+
     main = trainer.dist.is_main  # under torchrun / accelerate launch only rank 0 prints
     try:
         if main:
             print(f"run folder: {trainer.run_dir}", file=sys.stderr)
         result = trainer.train()
+    except TrainingInterrupted as stopped:
+        if main:
+            print(
+                f"mopd: stopped after step {stopped.step}; checkpoint saved. Continue with:\n"
+                f"  mopd train --resume {stopped.run_dir}",
+                file=sys.stderr,
+            )
+        return 130
     finally:
         trainer.dist.close()
     if main:

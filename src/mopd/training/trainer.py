@@ -50,6 +50,7 @@ from mopd.tasks.registry import build_task
 from mopd.training.build import build_run, process_device, resolve_device
 from mopd.training.checkpoint import TrainerState, latest_checkpoint, save_checkpoint
 from mopd.training.distributed import init_distributed
+from mopd.training.interrupt import StopRequest, TrainingInterrupted
 from mopd.training.records import (
     FULL_ROLLOUTS_FILE,
     SAMPLES_FILE,
@@ -228,7 +229,21 @@ class Trainer:
                 resume_from_step=self.state.step if resumed else None,
             )
         result = RunResult(self.run_dir)
-        every = cfg.eval.every
+        with StopRequest() as stop:  # Ctrl-C: finish the step, checkpoint, stop
+            self._loop(result, sinks, stop)
+        if main:
+            write_report(
+                self.run_dir,
+                title=f"{cfg.method} on {cfg.task.name}",
+                config_summary=_summary(cfg),
+            )
+        self.dist.barrier()  # on every rank, train() returns once the files are written
+        return result
+
+    def _loop(self, result: RunResult, sinks: MultiSink, stop: StopRequest) -> None:
+        """Steps until `train.steps`; after a stop request, checkpoint and raise."""
+        cfg, main = self.config, self.dist.is_main
+        resumed, every = self.resume_from is not None, cfg.eval.every
         try:
             if not resumed:
                 ev = self.evaluate()
@@ -281,19 +296,14 @@ class Trainer:
                     ctx=f"{metrics.get('teacher/context_fraction', float('nan')):.2f}",
                 )
                 periodic = cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0
-                if periodic or step == cfg.train.steps:
+                if periodic or step == cfg.train.steps or stop.requested:
                     self._checkpoint()
+                if stop.requested and step < cfg.train.steps:
+                    bar.close()
+                    raise TrainingInterrupted(self.run_dir, step)
             bar.close()
         finally:
             sinks.close()
-        if main:
-            write_report(
-                self.run_dir,
-                title=f"{cfg.method} on {cfg.task.name}",
-                config_summary=_summary(cfg),
-            )
-        self.dist.barrier()  # on every rank, train() returns once the files are written
-        return result
 
 
 def _summary(cfg: Config) -> dict[str, Any]:
