@@ -146,3 +146,12 @@ def test_ctrl_c_finishes_the_step_saves_a_checkpoint_and_prints_the_resume_comma
     assert 1 <= last < 50
     latest = (tmp_path / "stopped" / "checkpoints" / "latest").read_text().strip()
     assert latest == f"step-{last:06d}"
+
+
+@pytest.mark.unit
+def test_eval_of_a_missing_run_folder_is_one_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "--model", "runs/nope", "--max-prompts", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["mopd: error: model folder 'runs/nope' does not exist"]

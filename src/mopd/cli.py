@@ -24,6 +24,7 @@ from mopd.config import (
     to_dict,
     valid_keys,
 )
+from mopd.errors import ModelNotFoundError
 from mopd.tasks.registry import TaskError
 
 if TYPE_CHECKING:
@@ -396,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         commands = {"train": _train, "eval": _eval, "analyze": _analyze, "report": _report}
         return commands[args.command](args)
-    except (ConfigError, TaskError) as exc:  # the user's input: one line, no traceback
+    except (ConfigError, TaskError, ModelNotFoundError) as exc:  # the user's input: one line
         print(f"mopd: error: {exc}", file=sys.stderr)
         return 2
 

@@ -122,13 +122,32 @@ def test_packaged_model_with_missing_file_says_to_reinstall(tmp_path, monkeypatc
 
 
 @pytest.mark.unit
-def test_names_resolve_to_local_folders_or_pass_through_as_hub_ids(tmp_path) -> None:
+def test_names_resolve_to_local_folders_or_pass_through_as_hub_ids(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(loading, "_hub_reachable", lambda: True)
     assert resolve_model_path(str(tmp_path)) == str(tmp_path.absolute())
     assert resolve_model_path("HuggingFaceTB/SmolLM2-135M-Instruct") == (
         "HuggingFaceTB/SmolLM2-135M-Instruct"
     )
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_model_path(str(tmp_path / "missing"))
+
+
+@pytest.mark.unit
+def test_a_name_under_a_local_folder_is_a_path_not_a_hub_id(tmp_path, monkeypatch) -> None:
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(loading, "_hub_reachable", lambda: True)
+    with pytest.raises(loading.ModelNotFoundError, match="model folder 'runs/nope' does not exist"):
+        resolve_model_path("runs/nope")
+
+
+@pytest.mark.unit
+def test_an_unreachable_hub_fails_at_once_with_an_offline_hint(monkeypatch) -> None:
+    monkeypatch.setattr(loading, "_hub_reachable", lambda: False)
+    start = time.monotonic()
+    with pytest.raises(loading.ModelNotFoundError, match=r"Hub is unreachable \(offline\?\)"):
+        load_tokenizer("someone/some-model")
+    assert time.monotonic() - start < 5.0  # no retries: the import of transformers at most
 
 
 @pytest.mark.unit
@@ -155,6 +174,7 @@ def test_hub_lookup_failure_explains_the_offline_alternatives(monkeypatch) -> No
         raise OSError("connection refused")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", offline)
+    monkeypatch.setattr(loading, "_hub_reachable", lambda: True)  # reachable, then failing
     with pytest.raises(OSError, match=r"not a local folder.*packaged:smollm2.*connection refused"):
         load_model("someone/some-model")
 

@@ -30,12 +30,14 @@ Nothing is imported from transformers or downloaded at import time.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -43,6 +45,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from mopd.errors import ModelNotFoundError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -327,8 +331,28 @@ def _ensure_packaged(name: str, cache_dir: str | Path | None) -> Path:
 # --------------------------------------------------------------------------- public API
 
 
+HUB_HOST = ("huggingface.co", 443)
+
+
 def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~", os.sep)) or (os.altsep is not None and os.altsep in name)
+    """A path, not a Hub id: starts with ``.``, ``/`` or ``~``, or its first part
+    (``runs`` of ``runs/nope``) is a local folder. Hub ids are ``org/name``."""
+    if name.startswith((".", "/", "~", os.sep)) or (os.altsep is not None and os.altsep in name):
+        return True
+    first = name.split("/", 1)[0]
+    return "/" in name and Path(first).is_dir()
+
+
+@functools.lru_cache(maxsize=1)
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub answers at all (one TCP connect, cached); offline mode says no."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        with socket.create_connection(HUB_HOST, timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def resolve_model_path(name: str, cache_dir: str | Path | None = None) -> str:
@@ -343,7 +367,12 @@ def resolve_model_path(name: str, cache_dir: str | Path | None = None) -> str:
     if local.is_dir():
         return str(local.absolute())
     if _looks_like_path(name):
-        raise FileNotFoundError(f"model folder {name!r} does not exist")
+        raise ModelNotFoundError(f"model folder {name!r} does not exist")
+    if not _hub_reachable():
+        raise ModelNotFoundError(
+            f"model {name!r} is not a local folder and the Hugging Face Hub is unreachable "
+            f"(offline?): pass a checkpoint folder or {DEFAULT_MODEL}"
+        )
     return name
 
 
