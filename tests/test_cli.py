@@ -32,6 +32,12 @@ def test_help_lists_keys_with_defaults(capsys):
     )
 
 
+def _table(out: str) -> dict[str, tuple[str, str]]:
+    """metric -> (before, after) of the summary table `mopd train` prints."""
+    rows = [line.split() for line in out.splitlines()]
+    return {r[0]: (r[1], r[2]) for r in rows if len(r) == 3 and r[0] != "metric"}
+
+
 @pytest.mark.integration
 def test_train_then_resume_then_eval_from_the_command_line(tmp_path, tiny_model_dir, capsys):
     common = [
@@ -49,7 +55,10 @@ def test_train_then_resume_then_eval_from_the_command_line(tmp_path, tiny_model_
     out = capsys.readouterr().out
     assert "before" in out and "after" in out
     run = tmp_path / "cli"
+    before = _table(out)["mean@2"][0]
     assert main(["train", "--resume", str(run), "train.steps=2"]) == 0
+    resumed = _table(capsys.readouterr().out)
+    assert resumed["mean@2"][0] == before  # the first evaluation of the run, not the resume's
     assert (run / "checkpoints" / "step-000002" / "student" / "config.json").exists()
     student = run / "checkpoints" / "step-000002" / "student"
     code = main(

@@ -43,7 +43,7 @@ from mopd.core.seeding import derive_seed
 from mopd.evaluation.evaluate import evaluate
 from mopd.models.teachers import Teacher
 from mopd.reporting.report import eval_summary_rows, summary_table, write_report
-from mopd.reporting.sinks import MultiSink, build_sinks
+from mopd.reporting.sinks import METRICS_FILE, MultiSink, build_sinks, read_metrics
 from mopd.rollout.base import SamplingParams
 from mopd.tasks.base import Task
 from mopd.tasks.registry import build_task
@@ -321,6 +321,9 @@ def _summary(cfg: Config) -> dict[str, Any]:
 
 
 def final_summary(result: RunResult) -> str:
-    """The terminal table printed at the end of `mopd train`."""
-    rows = eval_summary_rows(result.evals)
+    """The terminal table printed at the end of `mopd train`: the run's first evaluation
+    against its last, read back from the run folder so that a resumed run compares with
+    the evaluation before its first step, not with its own last one."""
+    path = result.run_dir / METRICS_FILE
+    rows = eval_summary_rows(read_metrics(path) if path.exists() else result.evals)
     return summary_table(rows, headers=("metric", "before", "after"))
