@@ -130,3 +130,23 @@ def test_grpo_mix_belongs_to_the_grpo_distill_objective():
         load_config(None, ["loss.kind=grpo+distill"])
     cfg = load_config(None, ["loss.kind=grpo+distill", "loss.grpo_mix=1"])
     assert cfg.loss.grpo_mix == 1.0
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("eval.max_prompts=-1", r"^eval\.max_prompts: must be >= 1 or null"),
+        ("eval.max_new_tokens=-5", r"^eval\.max_new_tokens: must be >= 1 or null"),
+        ("train=5", r"^'train' in overrides is a section: give it keys, e\.g\. train\.steps="),
+    ],
+)
+def test_eval_limits_and_sections_given_a_value_are_named(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_malformed_yaml_names_its_file(tmp_path):
+    recipe = tmp_path / "broken.yaml"
+    recipe.write_text("train:\n  steps: [1\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml: not valid YAML: .*line 2"):
+        load_config(str(recipe))

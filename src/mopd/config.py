@@ -295,6 +295,16 @@ class EvalConfig:
         _check(self.k >= 1, "eval.k", "must be >= 1")
         _check(self.temperature > 0, "eval.temperature", "must be > 0")
         _check(0 < self.top_p <= 1, "eval.top_p", "must be in (0, 1]")
+        _check(
+            self.max_prompts is None or self.max_prompts >= 1,
+            "eval.max_prompts",
+            f"must be >= 1 or null (all eval prompts), got {self.max_prompts}",
+        )
+        _check(
+            self.max_new_tokens is None or self.max_new_tokens >= 1,
+            "eval.max_new_tokens",
+            f"must be >= 1 or null (rollout.max_new_tokens), got {self.max_new_tokens}",
+        )
 
 
 @dataclass
@@ -404,9 +414,17 @@ def _check_keys(flat: Mapping[str, Any], source: str) -> None:
     for key in flat:
         if key in known or (key.startswith("task.options.") and len(key) > 13):
             continue
+        if key in _section_types():  # a section given a single value, e.g. `train: 5`
+            raise ConfigError(
+                f"{key!r} in {source} is a section: give it keys, e.g. {key}.{_first_key(key)}=..."
+            )
         near = difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(near)}?" if near else "; see `mopd train --help`"
         raise ConfigError(f"unknown config key {key!r} in {source}{hint}")
+
+
+def _first_key(section: str) -> str:
+    return dataclasses.fields(_section_types()[section])[0].name
 
 
 def _coerce(value: Any, hint: Any, path: str) -> Any:
@@ -514,7 +532,10 @@ def _read_recipe(name_or_path: str, _seen: tuple[Path, ...] = ()) -> dict[str, A
     path = recipe_path(name_or_path).resolve()
     if path in _seen:
         raise ConfigError(f"{path}: 'extends' forms a cycle")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     data = dict(data)
