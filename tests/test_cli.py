@@ -164,3 +164,25 @@ def test_eval_of_a_missing_run_folder_is_one_line(tmp_path, monkeypatch, capsys)
     assert main(["eval", "--model", "runs/nope", "--max-prompts", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["mopd: error: model folder 'runs/nope' does not exist"]
+
+
+@pytest.mark.unit
+def test_a_data_task_without_eval_problems_or_rows_is_refused_before_loading(
+    tmp_path, monkeypatch, capsys
+):
+    _no_model_loads(monkeypatch)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(f'{{"question": "1+{i}?", "answer": "{i + 1}"}}\n' for i in range(5)))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    cases = [
+        (
+            [f"task.options.data={rows}"],
+            "has no eval problems: hold some out, e.g. task.options.n_eval=20",
+        ),
+        ([f"task.options.data={empty}"], "empty.jsonl: the data file holds no rows"),
+    ]
+    for overrides, expected in cases:
+        code = main(["train", "task.name=math", f"logging.output_dir={tmp_path}", *overrides])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and expected in err[0], err

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -273,7 +274,7 @@ def test_tampered_harness_lines_are_a_failed_verdict_not_an_exception(tmp_path):
 
 @NEEDS_BWRAP
 def test_a_fork_bomb_does_not_change_the_verdict_of_its_neighbours(tmp_path):
-    task = _task(tmp_path)
+    task = replace(_task(tmp_path), timeout_seconds=6.0)  # room for a loaded machine
     problem = _problem(task, "double")
     bomb = _block("import os\nwhile True:\n    try: os.fork()\n    except OSError: pass")
     threaded = _block(

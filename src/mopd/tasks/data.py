@@ -56,6 +56,8 @@ def load_rows(data: str | Path | Iterable[Mapping[str, Any]]) -> list[Row]:
                 except json.JSONDecodeError as exc:
                     raise DataError(f"{path}:{line_no}: invalid JSON ({exc.msg})") from None
                 rows.append(_row(record, str(path), line_no))
+        if not rows:
+            raise DataError(f"{path}: the data file holds no rows")
         return rows
     return [_row(record, "<dataset>", i) for i, record in enumerate(data, start=1)]
 
@@ -82,9 +84,12 @@ def field_of(row: Row, name: str, kind: type[T] | tuple[type, ...], *, optional:
 
 def split_rows(items: Sequence[T], n_eval: int, seed: int) -> tuple[list[T], list[T]]:
     """Seeded disjoint (train, eval) split; eval gets `n_eval` items (0 = none)."""
+    if not items:
+        raise DataError("the data holds no rows")
     if not 0 <= n_eval < len(items):
         raise DataError(
-            f"n_eval must be in 0..{len(items) - 1} for {len(items)} rows, got {n_eval}"
+            f"n_eval must be in 0..{len(items) - 1} for {len(items)} rows (the rest train), "
+            f"got {n_eval}"
         )
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)

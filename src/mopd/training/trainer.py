@@ -46,7 +46,7 @@ from mopd.reporting.report import eval_summary_rows, summary_table, write_report
 from mopd.reporting.sinks import METRICS_FILE, MultiSink, build_sinks, read_metrics
 from mopd.rollout.base import SamplingParams
 from mopd.tasks.base import Task
-from mopd.tasks.registry import build_task
+from mopd.tasks.registry import TaskError, build_task
 from mopd.training.build import build_run, process_device, resolve_device
 from mopd.training.checkpoint import TrainerState, latest_checkpoint, save_checkpoint
 from mopd.training.distributed import init_distributed
@@ -115,8 +115,13 @@ class Trainer:
         self.task: Task = build_task(config.task.name, config.task.options)
         self.train_problems = list(self.task.train_problems())
         if not self.train_problems:
-            raise ValueError(f"task {config.task.name!r} has no training problems")
+            raise TaskError(f"task {config.task.name!r} has no training problems")
         eval_problems = list(self.task.eval_problems())
+        if not eval_problems:  # before any model loads: evaluation needs held-out prompts
+            raise TaskError(
+                f"task {config.task.name!r} has no eval problems: hold some out, e.g. "
+                "task.options.n_eval=20"
+            )
         self.eval_problems = (
             eval_problems[: config.eval.max_prompts] if config.eval.max_prompts else eval_problems
         )
