@@ -18,10 +18,10 @@ from torch import Tensor
 
 from mopd.core.credit import contrastive_credit, signed_teacher_credit
 from mopd.core.losses import token_logprobs
-from mopd.objectives.base import Objective, StepLog
-from mopd.objectives.batch import Row, Scorers, StepBatch, StudentForward, TeacherRequest
+from mopd.objectives.base import StepLog
+from mopd.objectives.batch import Row, Scorers, StudentForward, TeacherRequest
 from mopd.objectives.distill import context_requests, loss_temperature
-from mopd.objectives.grpo import Grpo, grpo_normalisers, grpo_term, row_advantages
+from mopd.objectives.grpo import Grpo, grpo_term, row_advantages
 
 
 def _teacher_logprobs(forward: StudentForward, temperature: float) -> Tensor:
@@ -31,18 +31,11 @@ def _teacher_logprobs(forward: StudentForward, temperature: float) -> Tensor:
     return token_logprobs(forward.teacher_BRV, ids_NR, temperature=temperature)
 
 
-class _CreditObjective(Objective):
-    """GRPO's rows and normaliser; subclasses give the per-token advantages."""
+class _CreditObjective(Grpo):
+    """GRPO's rows, normaliser and checks; subclasses give the per-token advantages."""
 
     needs_teacher = True
-    min_group_size = 2
     reports = (*Grpo.reports, "credit/weight_mean")
-
-    def rows(self, batch: StepBatch) -> list[Row]:
-        return [r for r in batch.rows if r.advantage != 0.0]
-
-    def normalisers(self, batch: StepBatch) -> dict[str, float]:
-        return grpo_normalisers(self.config, batch)
 
     def loss(
         self, forward: StudentForward, norms: Mapping[str, float], scorers: Scorers, log: StepLog

@@ -9,6 +9,7 @@ nothing, so only the others are forwarded, but every rollout counts in the denom
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -69,7 +70,7 @@ class Grpo(Objective):
 
     name = "grpo"
     min_group_size = 2
-    reports = ("grpo/clip_fraction", "grpo/ratio_mean")
+    reports: ClassVar[tuple[str, ...]] = ("grpo/clip_fraction", "grpo/ratio_mean")
 
     @classmethod
     def check_config(cls, config: Config) -> None:
@@ -77,8 +78,8 @@ class Grpo(Objective):
         if config.loss.grpo_mix:
             raise ConfigError(
                 f"loss.grpo_mix: weights the distillation term of loss.kind=grpo+distill; got "
-                f"{config.loss.grpo_mix} with loss.kind=grpo: set loss.kind=grpo+distill, "
-                "or loss.grpo_mix=0 for pure GRPO",
+                f"{config.loss.grpo_mix} with loss.kind={cls.name}: set loss.kind=grpo+distill, "
+                "or loss.grpo_mix=0",
             )
 
     def rows(self, batch: StepBatch) -> list[Row]:
