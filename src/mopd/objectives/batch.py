@@ -150,8 +150,10 @@ class StudentForward:
 
     @property
     def mask_BR(self) -> Tensor:
-        """1.0 on response tokens, 0.0 on padding, in the loss dtype."""
-        return self.batch.response_mask.to(self.logprobs().dtype)
+        """1.0 on response tokens, 0.0 on padding, in the loss dtype (that of `logprobs`:
+        float32, or float64 for float64 logits), without computing any log-probs."""
+        dtype = torch.promote_types(self.logits_BRV.dtype, torch.float32)
+        return self.batch.response_mask.to(dtype)
 
     def logprobs(self, temperature: float = 1.0) -> Tensor:
         """Log-probs of the response tokens under ``softmax(logits / T)``.  # (B, R), grad"""

@@ -11,6 +11,7 @@ plain group advantage.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -49,8 +50,9 @@ class _CreditObjective(Grpo):
             log.add_ratio("credit/weight_mean", float(ratio_BR.sum()), float(mask_BR.sum()))
         return loss
 
+    @abstractmethod
     def token_advantages(self, forward: StudentForward) -> Tensor:
-        raise NotImplementedError
+        """Per-token advantages of the forward's rows.  # (B, R)"""
 
 
 class SignedCredit(_CreditObjective):
