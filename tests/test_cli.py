@@ -186,3 +186,19 @@ def test_a_data_task_without_eval_problems_or_rows_is_refused_before_loading(
         code = main(["train", "task.name=math", f"logging.output_dir={tmp_path}", *overrides])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and expected in err[0], err
+
+
+@pytest.mark.unit
+def test_resume_without_a_checkpoint_is_one_line_before_any_model_loads(
+    tmp_path, monkeypatch, capsys
+):
+    _no_model_loads(monkeypatch)
+    from mopd.config import load_config, save_config
+
+    run = tmp_path / "crashed"
+    run.mkdir()  # a run killed during its first save: its config, no checkpoint
+    save_config(load_config("demo", [f"logging.output_dir={tmp_path}"]), run / "config.yaml")
+    assert main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no complete checkpoint in it" in err[0], err
+    assert f"mopd train --config {run / 'config.yaml'}" in err[0]

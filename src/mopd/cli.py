@@ -24,7 +24,7 @@ from mopd.config import (
     to_dict,
     valid_keys,
 )
-from mopd.errors import ModelNotFoundError
+from mopd.errors import ModelNotFoundError, RunFolderError
 from mopd.tasks.registry import TaskError
 
 if TYPE_CHECKING:
@@ -397,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         commands = {"train": _train, "eval": _eval, "analyze": _analyze, "report": _report}
         return commands[args.command](args)
-    except (ConfigError, TaskError, ModelNotFoundError) as exc:  # the user's input: one line
+    except (ConfigError, TaskError, ModelNotFoundError, RunFolderError) as exc:  # one line
         print(f"mopd: error: {exc}", file=sys.stderr)
         return 2
 

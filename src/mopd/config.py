@@ -250,6 +250,7 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = 1  # torch threads; 1 is fastest on small shared CPUs
     checkpoint_every: int = 0  # 0 = only at the end
+    keep_checkpoints: int = 1  # newest complete ones kept; older go once a new one is saved
     save_rollouts: bool = True  # samples of rollouts with teacher prompts for inspection
     rollout_samples_per_step: int = 2
     save_all_rollouts: bool = False  # every rollout of every step -> rollouts_full.jsonl
@@ -268,6 +269,7 @@ class TrainConfig:
         _check(self.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
         _check(self.threads is None or self.threads >= 1, "train.threads", "must be >= 1 or null")
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
         _check(self.all_rollouts_max_mb > 0, "train.all_rollouts_max_mb", "must be > 0")
         if self.rollout_shards is not None:
             _check(self.rollout_shards >= 1, "train.rollout_shards", "must be >= 1 or null")

@@ -9,3 +9,8 @@ from __future__ import annotations
 
 class ModelNotFoundError(FileNotFoundError):
     """A model name that is neither a local folder nor reachable on the Hugging Face Hub."""
+
+
+class RunFolderError(Exception):
+    """A run folder that cannot be used as asked: in use by another training, or nothing
+    to resume in it."""

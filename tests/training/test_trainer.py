@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from mopd.config import METHODS, load_config, load_saved_config
+from mopd.errors import RunFolderError
 from mopd.training.trainer import Trainer
 from tasks_for_tests import tiny_run_overrides
 
@@ -178,3 +179,44 @@ def test_engine_logprob_mismatch_is_measured(tmp_path, tiny_model_dir, method):
     assert row["rollout/logprob_mismatch"] == pytest.approx(1.0, abs=1e-3)
     if method == "mopd":  # ratio e^1 > 2: every rescored token's weight is truncated
         assert row["rollout/is_clipped_fraction"] == 1.0
+
+
+def test_second_training_on_a_run_folder_is_refused_before_its_model_loads(
+    tmp_path, tiny_model_dir
+):
+    first = Trainer(_config(tmp_path, tiny_model_dir, "grpo"))
+    missing = _config(tmp_path, tmp_path / "no-such-model", "grpo")  # same run folder
+    with pytest.raises(RunFolderError, match="in use by another training"):
+        Trainer(missing)
+    first.train()  # releases the folder
+    with pytest.raises(RunFolderError, match="no complete checkpoint"):
+        Trainer(first.config, run_dir=tmp_path / "empty-run", resume=True)
+    Trainer(first.config, run_dir=first.run_dir, resume=True)  # free again
+
+
+def test_resume_drops_rollout_rows_of_steps_after_the_checkpoint(tmp_path, tiny_model_dir):
+    cfg = _config(
+        tmp_path, tiny_model_dir, "mopd", "train.checkpoint_every=1", "train.keep_checkpoints=2"
+    )
+    run = Trainer(cfg).train().run_dir
+    samples = run / "rollouts.jsonl"
+    steps = lambda: [json.loads(line)["step"] for line in samples.read_text().splitlines()]  # noqa: E731
+    before = steps()
+    # A run killed after logging step 2 but before saving it: step 1 is the newest checkpoint.
+    ckpts = run / "checkpoints"
+    (ckpts / "step-000002" / "COMPLETE").unlink()
+    (ckpts / "latest").write_text("step-000001")
+    leftover = ckpts / ".tmp-step-000002-999"
+    leftover.mkdir()
+    Trainer(cfg, run_dir=run, resume=True).train()
+    assert steps() == before and set(before) == {1, 2}
+    assert not leftover.exists()
+    assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-000001", "step-000002"]
+
+
+def test_checkpoint_files_are_readable_like_the_rest_of_the_run(tmp_path, tiny_model_dir):
+    run = Trainer(_config(tmp_path, tiny_model_dir, "grpo")).train().run_dir
+    modes = {p.name: p.stat().st_mode & 0o777 for p in run.rglob("*") if p.is_file()}
+    config_mode = modes["config.yaml"]
+    odd = {name: oct(mode) for name, mode in modes.items() if mode != config_mode}
+    assert not odd, odd

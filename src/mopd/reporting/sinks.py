@@ -147,6 +147,24 @@ def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
         raise
 
 
+def keep_rows_through(path: Path, step: int | None) -> None:
+    """Drop the rows of a JSONL file (each with a ``step``) after `step`, and a torn last
+    line left by a killed run; ``None`` keeps every complete row. No file: nothing to do."""
+    if not path.exists():
+        return
+    raw = path.read_bytes()
+    if step is None and (not raw or raw.endswith(b"\n")):
+        return  # nothing to drop, nothing torn: append as is
+    parsed, torn = _parse_lines(path)
+    if torn:
+        warnings.warn(
+            f"{path}: dropped an incomplete final line left by an interrupted run", stacklevel=4
+        )
+    if step is not None:
+        parsed = [(line, row) for line, row in parsed if row["step"] <= step]
+    atomic_write(path, "".join(line + "\n" for line, _ in parsed).encode("utf-8"))
+
+
 class JsonlSink(_ClosingSink):
     """Appends one JSON row per :meth:`log` call to `path` and flushes it.
 
@@ -162,18 +180,7 @@ class JsonlSink(_ClosingSink):
         self._file: IO[str] | None = self.path.open("a", encoding="utf-8")
 
     def _prepare_existing(self, resume_from_step: int | None) -> None:
-        raw = self.path.read_bytes()
-        if resume_from_step is None and (not raw or raw.endswith(b"\n")):
-            return  # nothing to drop, nothing torn: append as is
-        parsed, torn = _parse_lines(self.path)
-        if torn:
-            warnings.warn(
-                f"{self.path}: dropped an incomplete final line left by an interrupted run",
-                stacklevel=3,
-            )
-        if resume_from_step is not None:
-            parsed = [(line, row) for line, row in parsed if row["step"] <= resume_from_step]
-        atomic_write(self.path, "".join(line + "\n" for line, _ in parsed).encode("utf-8"))
+        keep_rows_through(self.path, resume_from_step)
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         if self._file is None:

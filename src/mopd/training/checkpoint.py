@@ -19,7 +19,10 @@ Such a checkpoint resumes with any process count, but only with ``train.parallel
 
 A checkpoint is written into a hidden temporary folder and renamed into place, and the
 ``latest`` pointer is replaced atomically afterwards, so a run killed mid-save leaves
-the previous checkpoint intact and never a half-written one that looks finished.
+the previous checkpoint intact and never a half-written one that looks finished. Pruning
+removes an old checkpoint's COMPLETE marker before its files, so an interrupted prune
+leaves a folder that is not trusted either; :func:`clean_checkpoints` removes both kinds
+of leftovers when a training starts.
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ def save_checkpoint(
     scheduler: Any,
     teacher: Any | None = None,
     reference: Any | None = None,
-    keep_last: int = 2,
+    keep_last: int = 1,
     write: bool = True,
 ) -> Path | None:
     """Write a checkpoint atomically and point ``latest`` at it; prune older ones.
@@ -127,6 +130,7 @@ def save_checkpoint(
         },
         tmp / "trainer_state.pt",
     )
+    _usual_modes(tmp)
     (tmp / COMPLETE).write_text(str(state.step))
     if final.exists():  # re-saving the same step (e.g. final == periodic)
         shutil.rmtree(final)
@@ -138,10 +142,45 @@ def save_checkpoint(
     return final
 
 
+def _usual_modes(folder: Path) -> None:
+    """Give every file the mode a plain open() would: the weights' writer uses a private
+    temporary file (0600), which would keep a shared run's model from its other readers."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
+
+
+def is_complete(ckpt: Path) -> bool:
+    """Finished writing and not being pruned: the marker and the trainer state are there."""
+    return (ckpt / COMPLETE).exists() and (ckpt / "trainer_state.pt").exists()
+
+
+def _remove(ckpt: Path) -> None:
+    (ckpt / COMPLETE).unlink(missing_ok=True)  # first: a half-removed folder is not trusted
+    shutil.rmtree(ckpt, ignore_errors=True)
+
+
 def _prune(run_dir: Path, keep_last: int) -> None:
-    done = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if (p / COMPLETE).exists())
+    done = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if is_complete(p))
     for old in done[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
+
+
+def clean_checkpoints(run_dir: Path) -> list[Path]:
+    """Remove what a killed save or prune left behind (hidden temporary folders, step
+    folders that are not complete); returns the removed paths. Call it only while no
+    other process writes to the run (the trainer holds the run lock)."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    leftovers = [p for p in root.glob(".tmp-*") if p.is_dir()]
+    leftovers += [p for p in root.glob("step-*") if p.is_dir() and not is_complete(p)]
+    for path in leftovers:
+        _remove(path)
+    (root / ".latest.tmp").unlink(missing_ok=True)
+    return sorted(leftovers)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -150,9 +189,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     pointer = root / "latest"
     if pointer.exists():
         candidate = root / pointer.read_text().strip()
-        if (candidate / COMPLETE).exists():
+        if is_complete(candidate):
             return candidate
-    done = sorted(p for p in root.glob("step-*") if (p / COMPLETE).exists())
+    done = sorted(p for p in root.glob("step-*") if is_complete(p))
     return done[-1] if done else None
 
 

@@ -40,15 +40,27 @@ from tqdm.auto import tqdm
 from mopd.collect.shards import local_shards, shard_count
 from mopd.config import Config, save_config, to_dict
 from mopd.core.seeding import derive_seed
+from mopd.errors import RunFolderError
 from mopd.evaluation.evaluate import evaluate
 from mopd.models.teachers import Teacher
 from mopd.reporting.report import eval_summary_rows, summary_table, write_report
-from mopd.reporting.sinks import METRICS_FILE, MultiSink, build_sinks, read_metrics
+from mopd.reporting.sinks import (
+    METRICS_FILE,
+    MultiSink,
+    build_sinks,
+    keep_rows_through,
+    read_metrics,
+)
 from mopd.rollout.base import SamplingParams
 from mopd.tasks.base import Task
 from mopd.tasks.registry import TaskError, build_task
 from mopd.training.build import build_run, process_device, resolve_device
-from mopd.training.checkpoint import TrainerState, latest_checkpoint, save_checkpoint
+from mopd.training.checkpoint import (
+    TrainerState,
+    clean_checkpoints,
+    latest_checkpoint,
+    save_checkpoint,
+)
 from mopd.training.distributed import init_distributed
 from mopd.training.interrupt import StopRequest, TrainingInterrupted
 from mopd.training.records import (
@@ -58,6 +70,7 @@ from mopd.training.records import (
     append_records,
     rollout_records,
 )
+from mopd.training.runlock import RunLock
 from mopd.training.step import StepOutput, train_step
 from mopd.types import Problem
 
@@ -127,9 +140,18 @@ class Trainer:
         )
         # Rank 0 decides (a timestamped name could differ between processes by a second).
         self.run_dir: Path = self.dist.broadcast(run_dir or self._new_run_dir())
+        # Before any model loads: one writer per folder, then clear a killed save's leftovers.
+        self._lock = RunLock(self.run_dir) if self.dist.is_main else None
+        if self.dist.is_main:
+            clean_checkpoints(self.run_dir)
         self.resume_from = self.dist.broadcast(latest_checkpoint(self.run_dir) if resume else None)
         if resume and self.resume_from is None:
-            raise FileNotFoundError(f"--resume {self.run_dir}: no complete checkpoint found in it")
+            self._release()
+            raise RunFolderError(
+                f"--resume {self.run_dir}: no complete checkpoint in it (the run stopped before "
+                f"its first save); start it over with: mopd train --config "
+                f"{self.run_dir / 'config.yaml'} logging.run_name=<new name>"
+            )
         self.parts, self.state = build_run(
             config,
             self.task,
@@ -216,6 +238,7 @@ class Trainer:
             scheduler=self.parts.scheduler,
             teacher=self.parts.teacher,
             reference=self.parts.reference,
+            keep_last=self.config.train.keep_checkpoints,
             write=self.dist.is_main,
         )
 
@@ -233,17 +256,27 @@ class Trainer:
                 config_dict=to_dict(cfg),
                 resume_from_step=self.state.step if resumed else None,
             )
+        if main and resumed:  # rows of steps after the checkpoint are replayed: drop them
+            for name in (SAMPLES_FILE, FULL_ROLLOUTS_FILE):
+                keep_rows_through(self.run_dir / name, self.state.step)
         result = RunResult(self.run_dir)
-        with StopRequest() as stop:  # Ctrl-C: finish the step, checkpoint, stop
-            self._loop(result, sinks, stop)
-        if main:
-            write_report(
-                self.run_dir,
-                title=f"{cfg.method} on {cfg.task.name}",
-                config_summary=_summary(cfg),
-            )
-        self.dist.barrier()  # on every rank, train() returns once the files are written
+        try:
+            with StopRequest() as stop:  # Ctrl-C: finish the step, checkpoint, stop
+                self._loop(result, sinks, stop)
+            if main:
+                write_report(
+                    self.run_dir,
+                    title=f"{cfg.method} on {cfg.task.name}",
+                    config_summary=_summary(cfg),
+                )
+            self.dist.barrier()  # on every rank, train() returns once the files are written
+        finally:
+            self._release()
         return result
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
 
     def _loop(self, result: RunResult, sinks: MultiSink, stop: StopRequest) -> None:
         """Steps until `train.steps`; after a stop request, checkpoint and raise."""
