@@ -34,7 +34,9 @@ def test_help_lists_keys_with_defaults(capsys):
 
 def _table(out: str) -> dict[str, tuple[str, str]]:
     """metric -> (before, after) of the summary table `mopd train` prints."""
-    rows = [line.split() for line in out.splitlines()]
+    import re
+
+    rows = [re.split(r"\s{2,}", line.strip()) for line in out.splitlines()]
     return {r[0]: (r[1], r[2]) for r in rows if len(r) == 3 and r[0] != "metric"}
 
 
@@ -78,6 +80,18 @@ def test_train_then_resume_then_eval_from_the_command_line(tmp_path, tiny_model_
     )
     assert code == 0
     assert "eval/mean@2" in (tmp_path / "eval.json").read_text()
+    capsys.readouterr()
+    # --run takes the run's own evaluation settings: the in-training score reproduces.
+    assert main(["eval", "--run", str(run), "--output", str(tmp_path / "run.json")]) == 0
+    err = capsys.readouterr().err
+    assert "k=2" in err and "max_new_tokens=4" in err and f"{run / 'config.yaml'}" in err
+    import json
+
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in rows if "eval/mean@2" in r][-1]
+    result = json.loads((tmp_path / "run.json").read_text())["results"]
+    assert [r["step"] for r in result] == [2]
+    assert result[0]["metrics"]["eval/mean@2"] == last["eval/mean@2"]
 
 
 def _no_model_loads(monkeypatch) -> None:

@@ -27,6 +27,7 @@ def run_dir(tmp_path_factory, tiny_model_dir):
         "train.prompts_per_step=2",
         "train.steps=2",
         "train.checkpoint_every=1",
+        "train.keep_checkpoints=2",
         "train.save_all_rollouts=true",
         "eval.k=2",
         "eval.every=1",

@@ -50,14 +50,34 @@ def _default_conditions() -> tuple[str, ...]:
     return (*NAMED_CONTEXTS, "random_peer", "unrelated_prompt")
 
 
-def _sampling_args(parser: argparse.ArgumentParser, *, temperature: float, top_p: float) -> None:
+def _sampling_args(
+    parser: argparse.ArgumentParser,
+    *,
+    temperature: float | None,
+    top_p: float | None,
+    max_new_tokens: int | None = 64,
+    seed: int | None = 0,
+    dtype: str | None = "float32",
+) -> None:
+    """Sampling options; a None default means "decided later" (``mopd eval --run``)."""
     parser.add_argument("--temperature", type=float, default=temperature)
     parser.add_argument("--top-p", type=float, default=top_p)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     parser.add_argument("--max-prompts", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--seed", type=int, default=seed)
+    parser.add_argument("--dtype", default=dtype, choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=1)
+
+
+# `mopd eval` without --run: these; with --run, the run's own evaluation settings.
+EVAL_DEFAULTS: dict[str, Any] = {
+    "k": 8,
+    "temperature": 0.6,
+    "top_p": 0.95,
+    "max_new_tokens": 64,
+    "seed": 0,
+    "dtype": "float32",
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -88,7 +108,9 @@ def _parser() -> argparse.ArgumentParser:
         "--run",
         type=Path,
         metavar="RUN_DIR",
-        help="evaluate every checkpoint of this run folder (checkpoints/step-*/student)",
+        help="evaluate the checkpoints of this run folder, by default with the run's own "
+        "task, evaluation prompts, sampling settings, seed and dtype (so the in-training "
+        "scores reproduce); options given here override them",
     )
     ev.add_argument(
         "--task",
@@ -96,8 +118,13 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         help="task name or module:factory (repeat for several; default arithmetic)",
     )
-    ev.add_argument("--k", type=int, default=8, help="samples per prompt; pass@1..k are reported")
-    _sampling_args(ev, temperature=0.6, top_p=0.95)
+    ev.add_argument(
+        "--k",
+        type=int,
+        default=None,
+        help="samples per prompt; pass@1..k are reported (default 8, or the run's eval.k)",
+    )
+    _sampling_args(ev, temperature=None, top_p=None, max_new_tokens=None, seed=None, dtype=None)
     ev.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the CIs")
     ev.add_argument("--output", type=Path, help="write the results as JSON here (and a .md table)")
     ev.add_argument("options", nargs="*", metavar="option=value", help="task options")
@@ -194,10 +221,45 @@ def _eval_models(args: argparse.Namespace) -> list[tuple[str, int | None]]:
     return models
 
 
-def _eval(args: argparse.Namespace) -> int:
+def _eval_settings(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """Fill the options not given on the command line (EVAL_DEFAULTS, or with --run the
+    run's own evaluation) into `args`; returns the task options and where they came from."""
+    from mopd.core.seeding import derive_seed
+
+    fallback, source = dict(EVAL_DEFAULTS), "defaults"
+    options = _task_options(args.options)
+    if args.run is not None:
+        cfg = load_saved_config(args.run / "config.yaml")
+        fallback.update(
+            k=cfg.eval.k,
+            temperature=cfg.eval.temperature,
+            top_p=cfg.eval.top_p,
+            max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+            seed=derive_seed(cfg.train.seed, "eval"),  # the trainer's evaluation seed
+            dtype=cfg.model.dtype,
+            max_prompts=cfg.eval.max_prompts,
+        )
+        if not args.task:
+            args.task, options = [cfg.task.name], {**cfg.task.options, **options}
+        source = f"{args.run / 'config.yaml'}"
+    for key, value in fallback.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.task = args.task or ["arithmetic"]
     if args.k < 1:
         raise ConfigError(f"--k must be >= 1, got {args.k}")
+    return options, source
+
+
+def _eval(args: argparse.Namespace) -> int:
+    options, source = _eval_settings(args)
     models = _eval_models(args)
+    shown = {key: getattr(args, key) for key in (*EVAL_DEFAULTS, "max_prompts")}
+    used = (
+        f"evaluating on {', '.join(args.task)} {options or ''} with "
+        + " ".join(f"{key}={value}" for key, value in shown.items())
+        + f" (unset options from {source})"
+    )
     import torch
 
     from mopd.evaluation.evaluate import eval_metrics, sample_and_verify, summarize_samples
@@ -207,17 +269,20 @@ def _eval(args: argparse.Namespace) -> int:
     from mopd.rollout.hf import HFRolloutEngine
     from mopd.tasks.registry import build_task
 
-    options = _task_options(args.options)
-    tasks = {name: build_task(name, options) for name in args.task or ["arithmetic"]}
+    tasks = {name: build_task(name, options) for name in args.task}
     torch.set_num_threads(args.threads)
     params = SamplingParams(
         temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens
     )
     results: list[dict[str, Any]] = []
     table: list[list[str]] = []
+    # pass@1 is in the .md file: with 0/1 rewards it repeats mean@k.
+    names = [f"mean@{args.k}", *([f"pass@{args.k}"] if args.k > 1 else [])]
     for model_name, step in models:
         tokenizer = load_tokenizer(model_name)
         engine = HFRolloutEngine(load_model(model_name, dtype=args.dtype), tokenizer)
+        if not results:  # once a model is found: what the numbers below were made with
+            print(used, file=sys.stderr)
         samples = {
             name: sample_and_verify(
                 engine,
@@ -239,9 +304,9 @@ def _eval(args: argparse.Namespace) -> int:
             m = block["metrics"]
             table.append(
                 [model_name if step is None else f"step {step}", scope]
-                + [_ci_text(m[key]) for key in (f"mean@{args.k}", "pass@1", f"pass@{args.k}")]
+                + [_ci_text(m[key]) for key in names]
             )
-    headers = ("model", "task", f"mean@{args.k}", "pass@1", f"pass@{args.k}")
+    headers = ("model", "task", *names)
     print(summary_table(table, headers=headers))
     if args.output:
         payload = {

@@ -109,14 +109,31 @@ def metric_series(rows: Sequence[Row], key: str) -> tuple[list[int], list[float]
     return steps, [by_step[step] for step in steps]
 
 
+_CI = ("eval/ci_low/", "eval/ci_high/")
+# Display order after mean@K and pass@K; anything else follows alphabetically.
+_EVAL_ORDER = (
+    "response_tokens_mean",
+    "distinct_1",
+    "distinct_2",
+    "unique_ratio",
+    "self_bleu",
+)
+
+
 def _eval_keys(rows: Sequence[Row]) -> list[str]:
-    """``eval/*`` names in display order: mean@K then pass@K by K, then any others."""
+    """``eval/*`` names in display order (intervals excluded): mean@K then pass@K by K,
+    then the fixed list above, then any others."""
 
     def order(key: str) -> tuple[int, str, int, str]:
         match = _EVAL_KEY.match(key)
-        return (0, match[1], int(match[2]), key) if match else (1, "", 0, key)
+        if match:
+            return (0, match[1], int(match[2]), key)
+        name = key.removeprefix("eval/")
+        rank = _EVAL_ORDER.index(name) if name in _EVAL_ORDER else len(_EVAL_ORDER)
+        return (1 + rank, "", 0, key)
 
-    return sorted({key for row in rows for key in row if key.startswith("eval/")}, key=order)
+    keys = {key for row in rows for key in row if key.startswith("eval/")}
+    return sorted((key for key in keys if not key.startswith(_CI)), key=order)
 
 
 def _first_last_eval(rows: Sequence[Row]) -> tuple[Row, Row] | None:
@@ -131,19 +148,40 @@ def _fmt(value: float | None, spec: str = ".4f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def eval_summary_rows(metrics_rows: Sequence[Row]) -> list[tuple[str, str, str]]:
-    """(metric, before, after) for each ``eval/*`` metric of the first and last eval rows.
+def _eval_cell(row: Row, key: str) -> str:
+    """``0.588 [0.425, 0.738]`` when the row holds the metric's interval, else ``0.588``."""
+    name = key.removeprefix("eval/")
+    value = _number(row.get(key))
+    low, high = (_number(row.get(f"{prefix}{name}")) for prefix in _CI)
+    if value is None or low is None or high is None:
+        return _fmt(value, ".3f")
+    return f"{value:.3f} [{low:.3f}, {high:.3f}]"
 
-    Metric names lose their ``eval/`` prefix; values have 4 decimals, ``n/a`` if missing.
-    Empty when the run logged no evaluation.
+
+def _repeats_mean(key: str, keys: Sequence[str], pair: tuple[Row, Row]) -> bool:
+    """pass@1 equals mean@k for 0/1 rewards: then it is one number shown twice."""
+    if key != "eval/pass@1":
+        return False
+    means = [k for k in keys if k.startswith("eval/mean@")]
+    return bool(means) and all(_number(row.get(key)) == _number(row.get(means[0])) for row in pair)
+
+
+def eval_summary_rows(metrics_rows: Sequence[Row]) -> list[tuple[str, str, str]]:
+    """(metric, before, after) for the first and last eval rows, in a fixed order.
+
+    Names lose their ``eval/`` prefix; a value with a logged 95% interval reads
+    ``0.588 [0.425, 0.738]``, ``n/a`` if missing. pass@1 is left out when it repeats
+    mean@k. Empty when the run logged no evaluation.
     """
     pair = _first_last_eval(metrics_rows)
     if pair is None:
         return []
     first, last = pair
+    keys = _eval_keys(pair)
     return [
-        (key.removeprefix("eval/"), _fmt(_number(first.get(key))), _fmt(_number(last.get(key))))
-        for key in _eval_keys(pair)
+        (key.removeprefix("eval/"), _eval_cell(first, key), _eval_cell(last, key))
+        for key in keys
+        if not _repeats_mean(key, keys, pair)
     ]
 
 
@@ -269,6 +307,13 @@ def _eval_png(rows: Sequence[Row], title: str) -> bytes | None:
     figure = Figure(figsize=(9.0, 4.4), layout="constrained")
     ax = figure.subplots()
     _draw_lines(ax, rows, lines, smooth=False)  # evaluations are few: show every point
+    for color, line in enumerate(lines):  # the prompt-level 95% interval, where logged
+        name = line.key.removeprefix("eval/")
+        low, high = (dict(zip(*metric_series(rows, f"{c}{name}"), strict=True)) for c in _CI)
+        steps = sorted(set(low) & set(high))
+        if steps:
+            band = ([low[s] for s in steps], [high[s] for s in steps])
+            ax.fill_between(steps, *band, color=f"C{color}", alpha=0.12, linewidth=0)
     fit_fraction_axis(ax)
     ax.set_title(f"{title}: evaluation", loc="left", fontweight="bold")
     ax.set_xlabel("step")
@@ -305,12 +350,14 @@ def _eval_section(rows: Sequence[Row], has_plot: bool) -> str:
         )
     first, last = pair
     table_rows = []
-    for key in _eval_keys(pair):
+    keys = _eval_keys(pair)
+    for key in keys:
+        if _repeats_mean(key, keys, pair):
+            continue
         before, after = _number(first.get(key)), _number(last.get(key))
         change = None if before is None or after is None else after - before
-        table_rows.append(
-            (key.removeprefix("eval/"), _fmt(before), _fmt(after), _fmt(change, "+.4f"))
-        )
+        cells = (_eval_cell(first, key), _eval_cell(last, key), _fmt(change, "+.3f"))
+        table_rows.append((key.removeprefix("eval/"), *cells))
     headers = ("metric", f"first (step {first['step']})", f"last (step {last['step']})", "change")
     parts = ["## Evaluation", md_table(headers, table_rows)]
     if has_plot:
