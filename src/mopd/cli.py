@@ -292,6 +292,7 @@ def _eval(args: argparse.Namespace) -> int:
                 k=args.k,
                 params=params,
                 seed=args.seed,
+                progress=f"{model_name if step is None else f'step {step}'} on {name}",
             )
             for name, task in tasks.items()
         }
@@ -416,6 +417,7 @@ def _analyze(args: argparse.Namespace) -> int:
             n=args.n,
             params=params,
             seed=args.seed,
+            progress="sampling",
         )
     result = analyze_groups(
         model,
@@ -433,6 +435,7 @@ def _analyze(args: argparse.Namespace) -> int:
         n_boot=args.n_boot,
         layouts=layouts,
         temperature=args.score_temperature,
+        progress=True,
     )
     result.meta.update(
         model=args.model,

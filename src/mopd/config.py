@@ -28,7 +28,7 @@ import yaml
 from mopd.core.peers import PeerConfig
 from mopd.core.prompts import LAYOUTS, TeacherTemplates
 
-METHODS = ("mopd", "mopd-2s", "sdpo", "grpo", "opd", "dpo", "simpo", "sft")
+METHODS = ("mopd", "mopd-2s", "mopd-signed", "sdpo", "grpo", "opd", "dpo", "simpo", "sft")
 TEACHER_KINDS = ("ema", "trust-region", "external")
 PARALLEL_MODES = ("replicate", "fsdp")
 ROLLOUT_ENGINES = ("hf", "vllm")
@@ -352,6 +352,14 @@ class Config:
 METHOD_PRESETS: dict[str, dict[str, Any]] = {
     "mopd": {"loss.kind": "distill", "peers.n_success": 2, "peers.n_failure": 1},
     "mopd-2s": {"loss.kind": "distill", "peers.n_success": 2, "peers.n_failure": 0},
+    # The 2S1F teacher as sign-safe token credit, its peers shown as earlier turns: the
+    # best peer-conditioned method of the 135M learning benchmark (docs/benchmarks.md).
+    "mopd-signed": {
+        "loss.kind": "signed-credit",
+        "peers.n_success": 2,
+        "peers.n_failure": 1,
+        "teacher.layout": "multi-turn",
+    },
     "sdpo": {
         "loss.kind": "distill",
         "peers.n_success": 1,

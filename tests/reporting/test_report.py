@@ -15,6 +15,7 @@ from matplotlib.image import imread
 from mopd.reporting import (
     METRICS_FILE,
     JsonlSink,
+    eval_line,
     eval_summary_rows,
     read_metrics,
     summary_table,
@@ -248,3 +249,17 @@ def test_moving_average_is_the_centred_mean_of_available_neighbours() -> None:
         float(np.mean(values[max(0, i - 1) : min(len(values), i + 2)])) for i in range(len(values))
     ]
     assert moving_average(values, window).tolist() == pytest.approx(expected)
+
+
+def test_eval_line_is_the_headline_of_one_evaluation() -> None:
+    metrics = {
+        "eval/mean@4": 0.5875,
+        "eval/ci_low/mean@4": 0.425,
+        "eval/ci_high/mean@4": 0.7375,
+        "eval/pass@1": 0.5875,
+        "eval/pass@4": 0.85,
+        "eval/response_tokens_mean": 12.66,
+        "eval/self_bleu": 0.5,
+        "time/eval": 47.2,
+    }
+    assert eval_line(metrics) == ("mean@4 0.588 [0.425, 0.738]  pass@4 0.850  12.7 tokens  (47 s)")

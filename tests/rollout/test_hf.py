@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from mopd.rollout import HFRolloutEngine, RolloutEngine, SamplingParams
+from mopd.rollout.base import reporting_rows
 from mopd.types import Rollout
 
 TOL = 1e-4
@@ -77,7 +78,10 @@ def _flat(groups: list[list[Rollout]]) -> list[Rollout]:
 def test_returns_n_rollouts_per_prompt_with_one_logprob_per_token(tiny_model, tokenizer, prompts):
     engine = HFRolloutEngine(tiny_model, tokenizer, batch_size=3)  # 2 x 4 rows -> chunks 3, 3, 2
     params = SamplingParams(max_new_tokens=5)
-    groups = engine.generate(prompts, n=4, params=params, seed=0)
+    reported: list[int] = []
+    with reporting_rows(reported.append):  # progress: one report per chunk
+        groups = engine.generate(prompts, n=4, params=params, seed=0)
+    assert reported == [3, 3, 2]
     assert len(groups) == 2
     assert all(len(group) == 4 for group in groups)
     for rollout in _flat(groups):

@@ -220,3 +220,11 @@ def test_checkpoint_files_are_readable_like_the_rest_of_the_run(tmp_path, tiny_m
     config_mode = modes["config.yaml"]
     odd = {name: oct(mode) for name, mode in modes.items() if mode != config_mode}
     assert not odd, odd
+
+
+def test_progress_shows_each_evaluation_score_when_it_lands(tmp_path, tiny_model_dir, capsys):
+    cfg = _config(tmp_path, tiny_model_dir, "grpo", "logging.progress=true", "eval.every=1")
+    Trainer(cfg).train()
+    err = capsys.readouterr().err
+    for step in (0, 1, 2):
+        assert f"eval at step {step}: mean@2 " in err, err

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from mopd.collect.contexts import TeacherInput, build_teacher_inputs, chat_prompt_ids
 from mopd.collect.sampling import regroup, sample_and_verify_groups
@@ -51,6 +52,7 @@ from mopd.core.peers import CONTROLS, NAMED_CONTEXTS, PeerConfig
 from mopd.core.prompts import TeacherTemplates
 from mopd.evaluation.signal import SIGNAL_METRICS, MetricSummary, summarize_signal
 from mopd.models.scoring import build_scoring_batch, response_logits
+from mopd.rollout.base import sampling_bar
 from mopd.types import PeerContext, Problem, Rollout, Verdict
 
 DEFAULT_CONDITIONS = (*NAMED_CONTEXTS, "random_peer", "unrelated_prompt")
@@ -259,12 +261,14 @@ def analyze_groups(
     n_boot: int = 1000,
     layouts: Sequence[str] = ("paper",),
     temperature: float = 1.0,
+    progress: bool = False,
 ) -> AnalysisResult:
     """Score every rollout under every condition and layout and summarise (module docstring).
 
     `model` is the student (plain prompt, for the gap); `teacher` defaults to `model`.
     The base condition (no peers) is scored once, whatever the layouts. Both models are
     read at ``softmax(logits / temperature)``: use the distillation loss's temperature.
+    `progress`: a bar over the scoring passes (stderr).
     """
     runs = [
         (c if layout == "paper" else f"{c}@{layout}", c, layout)
@@ -286,12 +290,16 @@ def analyze_groups(
     plain = [tuple(chat_prompt_ids(tokenizer, p.messages)) for p in problems]
     shape = [len(g) for g in groups]
     responses = [r.response_ids for g in groups for r in g]
+    bar = tqdm(total=1 + len(runs), desc="scoring", unit="context", disable=not progress)
+    bar.set_postfix_str("student")
     student_scored = student([plain[u] for u, n in enumerate(shape) for _ in range(n)], responses)
+    bar.update()
     rewards = [[v.reward for v in row] for row in verdicts]
     flat_rollouts = [r for g in groups for r in g]
     flat_success = [x >= threshold for row in rewards for x in row]
     results = []
     for (name, _, layout), config in zip(runs, configs, strict=True):
+        bar.set_postfix_str(name)
         t0 = time.perf_counter()
         inputs, built = build_condition(
             tokenizer, problems, groups, verdicts, config, seed=seed,
@@ -313,6 +321,8 @@ def analyze_groups(
         ]
         result.summary = summarize_signal(pairs, threshold=threshold, n_boot=n_boot, seed=seed)
         results.append(result)
+        bar.update()
+    bar.close()
     meta = {
         "n_prompts": len(problems),
         "group_sizes": sorted(set(shape)),
@@ -336,11 +346,14 @@ def sample_groups(
     n: int,
     params: Any,
     seed: int,
+    progress: str | None = None,
 ) -> tuple[list[list[Rollout]], list[list[Verdict]]]:
-    """G = `n` rollouts per prompt from `engine`, verified by `task`."""
-    sampled = sample_and_verify_groups(
-        engine, tokenizer, task, problems, n=n, params=params, seed=seed
-    )
+    """G = `n` rollouts per prompt from `engine`, verified by `task` (`progress`: the
+    label of a progress bar, None for none)."""
+    with sampling_bar(progress, len(problems) * n):
+        sampled = sample_and_verify_groups(
+            engine, tokenizer, task, problems, n=n, params=params, seed=seed
+        )
     return sampled.groups, sampled.verdicts
 
 

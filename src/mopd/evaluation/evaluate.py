@@ -17,7 +17,7 @@ from typing import Any
 from mopd.collect.sampling import sample_and_verify_groups
 from mopd.evaluation.diversity import diversity_summary
 from mopd.evaluation.sampling import sampling_summary
-from mopd.rollout.base import RolloutEngine, SamplingParams
+from mopd.rollout.base import RolloutEngine, SamplingParams, sampling_bar
 from mopd.tasks.base import Task
 from mopd.types import Problem
 
@@ -41,11 +41,16 @@ def sample_and_verify(
     k: int,
     params: SamplingParams,
     seed: int,
+    progress: str | None = None,
 ) -> EvalSamples:
-    """Sample k responses per prompt and verify them (one verifier call for the batch)."""
-    sampled = sample_and_verify_groups(
-        engine, tokenizer, task, problems, n=k, params=params, seed=seed
-    )
+    """Sample k responses per prompt and verify them (one verifier call for the batch).
+
+    `progress`: the label of a progress bar over the samples (on stderr); None: silent.
+    """
+    with sampling_bar(progress, len(problems) * k):
+        sampled = sample_and_verify_groups(
+            engine, tokenizer, task, problems, n=k, params=params, seed=seed
+        )
     groups = sampled.groups
     return EvalSamples(
         problem_ids=[p.id for p in problems],
@@ -80,14 +85,17 @@ def evaluate(
     k: int,
     params: SamplingParams,
     seed: int,
+    progress: str | None = None,
 ) -> dict[str, float]:
-    """Sample k responses per prompt and score them.
+    """Sample k responses per prompt and score them (`progress`: see sample_and_verify).
 
     Returns ``eval/mean@k`` (mean reward), ``eval/pass@1`` and ``eval/pass@k`` (unbiased
     estimator with n = k samples and a success meaning reward >= 0.5), the mean response
     length, their bootstrap intervals and the diversity metrics (module docstring).
     """
-    samples = sample_and_verify(engine, tokenizer, task, problems, k=k, params=params, seed=seed)
+    samples = sample_and_verify(
+        engine, tokenizer, task, problems, k=k, params=params, seed=seed, progress=progress
+    )
     return eval_metrics(samples, k)
 
 

@@ -7,7 +7,7 @@ a report is drawn or an optional sink is created.
 
 from __future__ import annotations
 
-from mopd.reporting.report import eval_summary_rows, summary_table, write_report
+from mopd.reporting.report import eval_line, eval_summary_rows, summary_table, write_report
 from mopd.reporting.sinks import (
     METRICS_FILE,
     SINK_NAMES,
@@ -31,6 +31,7 @@ __all__ = [
     "TensorBoardSink",
     "WandbSink",
     "build_sinks",
+    "eval_line",
     "eval_summary_rows",
     "read_metrics",
     "summary_table",

@@ -166,6 +166,22 @@ def _repeats_mean(key: str, keys: Sequence[str], pair: tuple[Row, Row]) -> bool:
     return bool(means) and all(_number(row.get(key)) == _number(row.get(means[0])) for row in pair)
 
 
+def eval_line(metrics: Row) -> str:
+    """One evaluation's headline: mean@k and pass@k with intervals, response length, time."""
+    keys = [k for k in _eval_keys([metrics]) if _EVAL_KEY.match(k)]
+    parts = [
+        f"{key.removeprefix('eval/')} {_eval_cell(metrics, key)}"
+        for key in keys
+        if not _repeats_mean(key, keys, (metrics, metrics))
+    ]
+    tokens, seconds = (_number(metrics.get(k)) for k in ("eval/response_tokens_mean", "time/eval"))
+    if tokens is not None:
+        parts.append(f"{tokens:.1f} tokens")
+    if seconds is not None:
+        parts.append(f"({seconds:.0f} s)")
+    return "  ".join(parts)
+
+
 def eval_summary_rows(metrics_rows: Sequence[Row]) -> list[tuple[str, str, str]]:
     """(metric, before, after) for the first and last eval rows, in a fixed order.
 

@@ -20,7 +20,9 @@ Conventions shared by all engines:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -110,3 +112,37 @@ class RolloutEngine(Protocol):
         nothing to do.
         """
         ...
+
+
+# Progress of long generations without widening the engine protocol: a caller that shows
+# a progress bar installs a callback; engines that sample in chunks report each chunk.
+_ROWS_DONE: ContextVar[Callable[[int], object] | None] = ContextVar("rows_done", default=None)
+
+
+@contextmanager
+def reporting_rows(callback: Callable[[int], object]) -> Iterator[None]:
+    """Within the block, `callback(count)` hears of every `count` responses sampled."""
+    token = _ROWS_DONE.set(callback)
+    try:
+        yield
+    finally:
+        _ROWS_DONE.reset(token)
+
+
+def rows_done(count: int) -> None:
+    """Called by engines after sampling `count` responses; a no-op unless reported."""
+    callback = _ROWS_DONE.get()
+    if callback is not None:
+        callback(count)
+
+
+@contextmanager
+def sampling_bar(label: str | None, total: int) -> Iterator[None]:
+    """A progress bar (stderr) over `total` responses sampled in the block; None: silent."""
+    from tqdm.auto import tqdm
+
+    with (
+        tqdm(total=total, desc=label, unit="sample", disable=label is None, leave=False) as bar,
+        reporting_rows(bar.update),
+    ):
+        yield

@@ -47,7 +47,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from mopd.rollout.base import SamplingParams, check_generate_args
+from mopd.rollout.base import SamplingParams, check_generate_args, rows_done
 from mopd.types import Rollout
 
 __all__ = ["HFRolloutEngine"]
@@ -180,6 +180,7 @@ class HFRolloutEngine:
         with _generation_mode(self.model), _seeded(seed, device), torch.no_grad():
             for start in range(0, len(rows), self.batch_size):
                 flat.extend(self._generate_chunk(rows[start : start + self.batch_size], params))
+                rows_done(len(flat) - start)
         return [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
 
     def _generate_chunk(self, rows: list[list[int]], params: SamplingParams) -> list[Rollout]:

@@ -70,7 +70,7 @@ import numpy as np
 import torch
 
 from mopd.core.seeding import derive_seed
-from mopd.rollout.base import SamplingParams, check_generate_args
+from mopd.rollout.base import SamplingParams, check_generate_args, rows_done
 from mopd.types import Rollout
 
 __all__ = ["VLLMRolloutEngine", "import_vllm"]
@@ -275,6 +275,7 @@ class VLLMRolloutEngine:
         with torch.random.fork_rng(devices=cuda):  # vLLM also draws from the global RNG
             outputs = self.llm.generate(requests, sampling, use_tqdm=False)
         flat = [self._to_rollout(out.outputs[0]) for out in outputs]
+        rows_done(len(flat))
         return [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
 
     def _to_rollout(self, completion: Any) -> Rollout:

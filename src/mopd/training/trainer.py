@@ -43,7 +43,7 @@ from mopd.core.seeding import derive_seed
 from mopd.errors import RunFolderError
 from mopd.evaluation.evaluate import evaluate
 from mopd.models.teachers import Teacher
-from mopd.reporting.report import eval_summary_rows, summary_table, write_report
+from mopd.reporting.report import eval_line, eval_summary_rows, summary_table, write_report
 from mopd.reporting.sinks import (
     METRICS_FILE,
     MultiSink,
@@ -181,16 +181,22 @@ class Trainer:
         return self.parts.teacher
 
     # ------------------------------------------------------------------ loop
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, step: int | None = None) -> dict[str, float]:
         """Eval metrics of the current student: computed on rank 0, returned on every rank.
 
         A sharded student needs every process in its forwards: all processes evaluate the
-        same prompts with the same seed, and rank 0's metrics are kept.
+        same prompts with the same seed, and rank 0's metrics are kept. With progress on,
+        rank 0 shows a bar while sampling and prints the score when it lands.
         """
         here = self.sharded or self.dist.is_main
-        return self.dist.broadcast(self._evaluate_here() if here else {})
+        show = self.config.logging.progress and self.dist.is_main and step is not None
+        label = f"eval at step {step}" if show else None
+        metrics = self.dist.broadcast(self._evaluate_here(label) if here else {})
+        if show:
+            tqdm.write(f"{label}: {eval_line(metrics)}", file=sys.stderr)
+        return metrics
 
-    def _evaluate_here(self) -> dict[str, float]:
+    def _evaluate_here(self, progress: str | None = None) -> dict[str, float]:
         cfg = self.config
         params = SamplingParams(
             temperature=cfg.eval.temperature,
@@ -206,6 +212,7 @@ class Trainer:
             k=cfg.eval.k,
             params=params,
             seed=derive_seed(cfg.train.seed, "eval"),
+            progress=progress,
         )
         metrics["time/eval"] = time.perf_counter() - t0
         return metrics
@@ -284,7 +291,7 @@ class Trainer:
         resumed, every = self.resume_from is not None, cfg.eval.every
         try:
             if not resumed:
-                ev = self.evaluate()
+                ev = self.evaluate(0)
                 sinks.log(0, ev)
                 result.evals.append({"step": 0, **ev})
             bar = tqdm(
@@ -312,11 +319,11 @@ class Trainer:
                     mirrored = {"n": self.dist.lockstep.take_mirrored()}
                     metrics["perf/lockstep_mirrored"] = self.dist.sum(mirrored)["n"]
                 if every and step % every == 0 and step != cfg.train.steps:
-                    ev = self.evaluate()
+                    ev = self.evaluate(step)
                     metrics.update(ev)
                     result.evals.append({"step": step, **ev})
                 if step == cfg.train.steps:
-                    ev = self.evaluate()
+                    ev = self.evaluate(step)
                     metrics.update(ev)
                     result.evals.append({"step": step, **ev})
                 sinks.log(step, metrics)
