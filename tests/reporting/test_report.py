@@ -263,3 +263,28 @@ def test_eval_line_is_the_headline_of_one_evaluation() -> None:
         "time/eval": 47.2,
     }
     assert eval_line(metrics) == ("mean@4 0.588 [0.425, 0.738]  pass@4 0.850  12.7 tokens  (47 s)")
+
+
+def test_training_panels_show_length_truncation_and_every_loss_term() -> None:
+    from mopd.reporting.report import _panels
+
+    rows = [
+        {
+            "step": s,
+            "rollout/reward_mean": 0.5,
+            "rollout/success_rate": 0.5,
+            "rollout/truncated_fraction": 0.25,
+            "rollout/response_tokens_mean": 12.0 + s,
+            "loss/total": 0.1,
+            "loss/grpo": 0.09,
+            "loss/distill": 0.01,
+        }
+        for s in (1, 2, 3)
+    ]
+    panels = {p.title: [line.key for line in p.lines] for p in _panels(rows)}
+    assert "rollout/truncated_fraction" in panels["Rollouts"]
+    assert panels["Response length"] == ["rollout/response_tokens_mean"]
+    assert panels["Loss"] == ["loss/total", "loss/distill", "loss/grpo"]
+    assert "Teacher context" not in panels  # no data: no empty panel
+    widths = {line.key: line.width for p in _panels(rows) for line in p.lines}
+    assert widths["rollout/reward_mean"] > widths["rollout/success_rate"]  # both visible

@@ -26,7 +26,7 @@ import math
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,32 +63,49 @@ class _Panel:
     fraction: bool = False  # values live in [0, 1]: show the whole range, runs stay comparable
 
 
+# Coinciding lines (reward = success rate for 0/1 rewards; total = the only loss term)
+# are drawn thick underneath and thin dashed on top, so neither hides the other.
 _TRAINING_PANELS = (
     _Panel(
         "Rollouts",
-        "reward (0-1)",
+        "fraction of rollouts (0-1)",
         (
-            _Line("rollout/reward_mean", "mean reward"),
-            _Line("rollout/success_rate", "success rate"),
-            _Line("rollout/mixed_group_fraction", "groups with successes and failures", "--"),
+            _Line("rollout/reward_mean", "mean reward", width=2.8),
+            _Line("rollout/success_rate", "success rate", "--", width=1.2),
+            _Line("rollout/truncated_fraction", "cut at the token limit", ":", width=1.6),
+            _Line("rollout/mixed_group_fraction", "groups with successes and failures", "-."),
         ),
         fraction=True,
     ),
     _Panel(
-        "Loss",
-        "loss",
-        (_Line("loss/distill", "distillation"), _Line("loss/total", "total", "--")),
+        "Response length",
+        "tokens",
+        (_Line("rollout/response_tokens_mean", "mean response length"),),
     ),
+    _Panel("Loss", "loss", (_Line("loss/total", "total", width=2.8),)),  # + terms: _panels
     _Panel(
         "Teacher context",
         "fraction of rollouts (0-1)",
         (
-            _Line("teacher/context_fraction", "teacher saw peers (rest: no loss)"),
+            _Line("teacher/context_fraction", "teacher saw peers"),
             _Line("teacher/truncated_fraction", "teacher prompt shortened", "--"),
         ),
         fraction=True,
     ),
 )
+
+
+def _panels(rows: Sequence[Row]) -> list[_Panel]:
+    """The training panels with data; the loss panel gets one thin line per logged term."""
+    terms = sorted({k for row in rows for k in row if k.startswith("loss/")} - {"loss/total"})
+    panels = []
+    for panel in _TRAINING_PANELS:
+        if panel.title == "Loss":
+            extra = (_Line(t, t.removeprefix("loss/"), "--", width=1.2) for t in terms)
+            panel = replace(panel, lines=(*panel.lines, *extra))
+        if _has_data(rows, panel.lines):
+            panels.append(panel)
+    return panels
 
 
 def _number(value: Any) -> float | None:
@@ -286,7 +303,7 @@ def png_bytes(figure: Any) -> bytes:
 def _training_png(rows: Sequence[Row], title: str) -> bytes | None:
     from matplotlib.figure import Figure
 
-    panels = [panel for panel in _TRAINING_PANELS if _has_data(rows, panel.lines)]
+    panels = _panels(rows)
     if not panels:
         return None
     figure = Figure(figsize=(9.0, 2.9 * len(panels) + 0.9), layout="constrained")
