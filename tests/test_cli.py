@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from mopd.cli import main
@@ -21,12 +23,24 @@ def test_bad_override_syntax_is_explained(capsys):
 
 
 @pytest.mark.unit
+def test_help_shows_the_chosen_recipe_and_overrides(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--config", "grpo", "optim.lr=3e-5", "--help"])
+    out = capsys.readouterr().out
+    assert 'loss.kind = "grpo"' in out and "optim.lr = 3e-05" in out
+
+
+@pytest.mark.unit
 def test_help_lists_keys_with_defaults(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["train", "--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "peers.n_success = 2" in out and "methods:" in out
+    # The values plain `mopd train` will use (the demo recipe), each key with its help.
+    assert "with the values of recipe demo" in out
+    assert re.search(r"train\.steps = 10 +optimizer steps", out)
+    assert re.search(r"optim\.lr = 2e-05 +AdamW learning rate", out)
     assert (
         "objectives: contrastive-credit, distill, distill-failures, dpo, grpo, grpo+distill" in out
     )

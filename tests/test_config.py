@@ -150,3 +150,11 @@ def test_malformed_yaml_names_its_file(tmp_path):
     recipe.write_text("train:\n  steps: [1\n")
     with pytest.raises(ConfigError, match=r"broken\.yaml: not valid YAML: .*line 2"):
         load_config(str(recipe))
+
+
+def test_every_key_has_a_help_line_in_its_field_metadata():
+    from mopd.config import key_help, valid_keys
+
+    helps = key_help()
+    assert set(helps) == set(valid_keys())
+    assert not [key for key, text in helps.items() if not text.strip()]

@@ -8,6 +8,7 @@ Commands that load models import torch and transformers lazily, so ``--help`` an
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from collections.abc import Sequence
@@ -16,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from mopd.config import (
     METHODS,
-    Config,
     ConfigError,
+    key_help,
     load_config,
     load_saved_config,
     loss_kinds,
@@ -31,14 +32,26 @@ if TYPE_CHECKING:
     from mopd.evaluation.evaluate import EvalSamples
 
 
-def _options_help() -> str:
-    defaults = to_dict(Config())
-    lines = ["settable keys (key=value, dotted; defaults shown):"]
+def _options_help(argv: Sequence[str]) -> str:
+    """Every key with the value the recipe and overrides in `argv` give it, and its help."""
+    recipe = next((b for a, b in itertools.pairwise(argv) if a == "--config"), None) or "demo"
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    try:
+        config, shown = load_config(recipe, overrides), f"recipe {recipe}"
+        if overrides:
+            shown += " with " + " ".join(overrides)
+    except ConfigError as error:  # the real run reports it; help still shows the demo's
+        config, shown = load_config("demo"), f"recipe demo ({error})"
+    values, helps = to_dict(config), key_help()
+    rows = []
     for key in valid_keys():
-        value: object = defaults
+        value: object = values
         for part in key.split("."):
             value = value.get(part) if isinstance(value, dict) else None
-        lines.append(f"  {key} = {json.dumps(value)}")
+        rows.append((f"{key} = {json.dumps(value)}", helps.get(key, "")))
+    width = min(max(len(left) for left, _ in rows), 44)
+    lines = [f"settable keys (key=value, dotted), with the values of {shown}:"]
+    lines += [f"  {left:<{width}}  {text}".rstrip() for left, text in rows]
     lines.append(f"methods: {', '.join(METHODS)}  (e.g. method=grpo)")
     lines.append(f"objectives: {', '.join(loss_kinds())}  (loss.kind=..., mopd.objectives)")
     return "\n".join(lines)
@@ -80,7 +93,7 @@ EVAL_DEFAULTS: dict[str, Any] = {
 }
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mopd", description="Multi-Rollout On-Policy Distillation for language models."
     )
@@ -89,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
         "train",
         help="train a model (default: the offline demo recipe)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=_options_help(),
+        epilog=_options_help(argv) if "-h" in argv or "--help" in argv else None,
     )
     train.add_argument("--config", help="YAML recipe file or packaged recipe name (default: demo)")
     train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run folder")
@@ -461,7 +474,8 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser(argv).parse_args(argv)
     try:
         commands = {"train": _train, "eval": _eval, "analyze": _analyze, "report": _report}
         return commands[args.command](args)

@@ -25,6 +25,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from mopd.core.fields import field_help, opt, opt_factory
 from mopd.core.peers import PeerConfig
 from mopd.core.prompts import LAYOUTS, TeacherTemplates
 
@@ -58,14 +59,13 @@ def _one_of(value: object, name: str, allowed: Sequence[object]) -> None:
 class LoraSettings:
     """Low-rank adapters (PEFT): ``W + (alpha / r)·B·A`` on `target_modules`; r=0 = off."""
 
-    r: int = 0  # adapter rank; 0 trains every weight (no adapters)
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: list[str] = field(
-        default_factory=lambda: [
-            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
-        ]
-    )  # fmt: skip
+    r: int = opt(0, "adapter rank; 0 trains every weight (no adapters)")
+    alpha: float = opt(16.0, "adapter scale numerator: the update is (alpha / r)·B·A")
+    dropout: float = opt(0.0, "dropout on the adapter input")
+    target_modules: list[str] = opt_factory(
+        lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "module names that get adapters",
+    )
 
     def __post_init__(self) -> None:
         _check(self.r >= 0, "model.lora.r", f"must be >= 0 (0 = no adapters), got {self.r}")
@@ -83,13 +83,21 @@ class LoraSettings:
 
 @dataclass
 class ModelConfig:
-    name: str = "packaged:smollm2-135m-instruct"  # HF id, local folder, or packaged:NAME
-    dtype: str = "float32"
-    cache_dir: str | None = None  # default: $MOPD_CACHE or ~/.cache/mopd
-    device: str = "auto"  # auto = cuda when available, else cpu; or "cpu", "cuda", "cuda:1"
+    name: str = opt(
+        "packaged:smollm2-135m-instruct", "student: Hugging Face id, local folder, or packaged:NAME"
+    )
+    dtype: str = opt("float32", "weights' dtype: float32 or bfloat16")
+    cache_dir: str | None = opt(
+        None, "where packaged models are converted; null: $MOPD_CACHE or ~/.cache/mopd"
+    )
+    device: str = opt("auto", "auto (cuda when available, else cpu), cpu, cuda, cuda:N or mps")
     lora: LoraSettings = field(default_factory=LoraSettings)
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory
-    autocast: str = "none"  # "bfloat16": forwards in bf16 autocast over fp32 master weights
+    gradient_checkpointing: bool = opt(
+        False, "recompute activations in backward: less memory, more time"
+    )
+    autocast: str = opt(
+        "none", "bfloat16: forwards in bf16 autocast over fp32 master weights; none: off"
+    )
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "model.name", "must not be empty")
@@ -104,8 +112,13 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = "arithmetic"  # built-in name or "package.module:factory"
-    options: dict[str, Any] = field(default_factory=dict)
+    name: str = opt(
+        "arithmetic",
+        "built-in task (arithmetic, math, code, mcq, tool, reasoning_gym) or module:factory",
+    )
+    options: dict[str, Any] = opt_factory(
+        dict, "the task's own options, e.g. task.options.digits=2"
+    )
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "task.name", "must not be empty")
@@ -114,18 +127,19 @@ class TaskConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = "hf"  # "hf" (transformers.generate) or "vllm" (needs the vllm extra)
-    n: int = 8  # G: rollouts per prompt
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 64
-    batch_size: int = 64  # rows per generate call (hf engine)
-    # vLLM engine only. CUDA: fraction of the GPU's memory vLLM may take (weights, KV cache);
-    # the training process needs the rest. CPU: the KV cache gets this fraction of RAM,
-    # unless VLLM_CPU_KVCACHE_SPACE (GiB) is set.
-    vllm_memory_fraction: float = 0.3
-    vllm_enforce_eager: bool = True  # False: CUDA graphs / compilation, slower start
-    vllm_max_model_len: int | None = None  # None: the model's context length
+    engine: str = opt("hf", "hf (transformers generate) or vllm (needs the vllm extra)")
+    n: int = opt(8, "G: rollouts per prompt (the group; >= 2)")
+    temperature: float = opt(1.0, "sampling temperature of the rollouts")
+    top_p: float = opt(1.0, "nucleus sampling of the rollouts; 1 = off")
+    max_new_tokens: int = opt(64, "response length limit; longer responses are cut (truncated)")
+    batch_size: int = opt(64, "rows per generate call (hf engine); part of the sampling stream")
+    vllm_memory_fraction: float = opt(
+        0.3, "vLLM: share of GPU memory (CUDA) or RAM for its KV cache (CPU)"
+    )
+    vllm_enforce_eager: bool = opt(
+        True, "vLLM: true skips CUDA graphs / compilation (faster start)"
+    )
+    vllm_max_model_len: int | None = opt(None, "vLLM: context length; null = the model's")
 
     def __post_init__(self) -> None:
         _one_of(self.engine, "rollout.engine", ROLLOUT_ENGINES)
@@ -149,13 +163,21 @@ class RolloutConfig:
 
 @dataclass
 class TeacherConfig:
-    kind: str = "ema"
-    ema_rate: float = 0.05  # 0 = frozen copy of the initial student
-    trust_region_mix: float = 0.5  # c in lerp(initial, student, c)
-    external_model: str | None = None
-    use_context: bool = True  # False: the teacher sees only the question (standard OPD)
-    layout: str = "paper"  # paper, multi-turn (peers as earlier assistant turns), summaries
-    max_prompt_tokens: int = 2048
+    kind: str = opt(
+        "ema", "ema (EMA of the student; ema_rate=0: frozen), trust-region, or external"
+    )
+    ema_rate: float = opt(
+        0.05, "EMA teacher: weight of the student per step; 0 = frozen initial copy"
+    )
+    trust_region_mix: float = opt(0.5, "trust-region teacher: c in lerp(initial, student, c)")
+    external_model: str | None = opt(None, "external teacher: model id or folder (same tokenizer)")
+    use_context: bool = opt(True, "false: the teacher sees only the question (standard OPD)")
+    layout: str = opt(
+        "paper", "teacher prompt: paper, multi-turn (peers as earlier turns), summaries"
+    )
+    max_prompt_tokens: int = opt(
+        2048, "teacher prompts longer than this have their peers shortened"
+    )
     templates: TeacherTemplates = field(default_factory=TeacherTemplates)
 
     def __post_init__(self) -> None:
@@ -173,27 +195,33 @@ class TeacherConfig:
 
 @dataclass
 class LossConfig:
-    kind: str = "distill"
-    topk: int | None = 100  # None = full vocabulary
-    add_tail: bool = True
-    alpha: float = 0.5  # 0 forward KL, 1 reverse KL, between: generalised JSD
-    estimator: str = "topk"  # "topk" (top-k/full divergence) or "sampled-token" (reverse KL only)
-    # Student and teacher logits are divided by this before the divergence; null = the
-    # rollout temperature (the distribution the rollouts were sampled from).
-    temperature: float | None = None
-    aggregation: str = "token-mean"
-    is_clip: float | None = None  # truncated importance weight cap; None = off
-    clip_low: float = 0.2
-    clip_high: float = 0.28
-    normalize_std: bool = False
-    beta: float = 0.1  # DPO beta
-    simpo_beta: float = 2.0
-    simpo_gamma: float = 0.5
-    grpo_mix: float = 0.0  # lambda of (1-lambda)·GRPO + lambda·distill (kind=grpo+distill)
-    credit_clip: float = 0.2  # signed-credit: teacher/student ratio clipped to 1 +- this
-    contrast_tau: float = 0.02  # contrastive-credit: bonus = scale * tanh(e / tau)
-    contrast_scale: float = 0.5
-    contrast_threshold: float = 0.02  # bonuses this small are dropped
+    kind: str = opt("distill", "the objective (mopd.objectives registry); set by method=...")
+    topk: int | None = opt(
+        100, "distill: teacher's top-k tokens per position; null = full vocabulary"
+    )
+    add_tail: bool = opt(True, "distill: add the rest of the probability mass as one tail bucket")
+    alpha: float = opt(0.5, "distill: 0 forward KL, 1 reverse KL, between: generalised JSD")
+    estimator: str = opt(
+        "topk", "distill: topk (divergence over top-k) or sampled-token (reverse KL)"
+    )
+    temperature: float | None = opt(
+        None, "logits divided by this in the loss; null = the rollout temperature"
+    )
+    aggregation: str = opt("token-mean", "token-mean, seq-mean-token-mean or seq-mean-token-sum")
+    is_clip: float | None = opt(
+        None, "truncated importance-weight cap for stale rollouts; null = off"
+    )
+    clip_low: float = opt(0.2, "GRPO: PPO ratio clip below 1")
+    clip_high: float = opt(0.28, "GRPO: PPO ratio clip above 1")
+    normalize_std: bool = opt(False, "GRPO: divide advantages by the group's standard deviation")
+    beta: float = opt(0.1, "DPO: beta")
+    simpo_beta: float = opt(2.0, "SimPO: beta")
+    simpo_gamma: float = opt(0.5, "SimPO: target reward margin gamma")
+    grpo_mix: float = opt(0.0, "grpo+distill: lambda of (1-lambda)·GRPO + lambda·distill")
+    credit_clip: float = opt(0.2, "signed-credit: teacher/student ratio clipped to 1 +- this")
+    contrast_tau: float = opt(0.02, "contrastive-credit: bonus = scale * tanh(difference / tau)")
+    contrast_scale: float = opt(0.5, "contrastive-credit: largest bonus")
+    contrast_threshold: float = opt(0.02, "contrastive-credit: bonuses this small are dropped")
 
     def __post_init__(self) -> None:
         _one_of(self.kind, "loss.kind", loss_kinds())
@@ -227,11 +255,11 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-5
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 10
-    grad_clip: float = 1.0
+    lr: float = opt(1e-5, "AdamW learning rate")
+    weight_decay: float = opt(0.01, "AdamW weight decay")
+    betas: tuple[float, float] = opt((0.9, 0.999), "AdamW betas")
+    warmup_steps: int = opt(10, "linear learning-rate warm-up steps")
+    grad_clip: float = opt(1.0, "gradient-norm clip; non-finite norms skip the step")
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]  # YAML gives a list
@@ -244,24 +272,28 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 20
-    prompts_per_step: int = 4  # P
-    micro_batch_size: int = 8  # rollouts per forward/backward: bounds peak memory
-    seed: int = 0
-    threads: int | None = 1  # torch threads; 1 is fastest on small shared CPUs
-    checkpoint_every: int = 0  # 0 = only at the end
-    keep_checkpoints: int = 1  # newest complete ones kept; older go once a new one is saved
-    save_rollouts: bool = True  # samples of rollouts with teacher prompts for inspection
-    rollout_samples_per_step: int = 2
-    save_all_rollouts: bool = False  # every rollout of every step -> rollouts_full.jsonl
-    all_rollouts_max_mb: float = 200.0  # stop appending once the file reaches this size
-    # Blocks of prompts sampled and peer-matched on their own, each with its own seed, so
-    # that any process count dividing it draws the same rollouts. None: one per process.
-    rollout_shards: int | None = None
-    dist_timeout_minutes: float = 60.0  # collectives' timeout (rank 0 evaluates alone)
-    # Several processes: "replicate" (full copies, gradients all-reduced) or "fsdp" (the
-    # student's weights, gradients and AdamW state sharded, FSDP2). One process: no effect.
-    parallel: str = "replicate"
+    steps: int = opt(20, "optimizer steps")
+    prompts_per_step: int = opt(4, "P: prompts per step (each gets rollout.n rollouts)")
+    micro_batch_size: int = opt(8, "rollouts per forward/backward: bounds peak memory")
+    seed: int = opt(0, "seeds the prompt order, sampling and peer choice")
+    threads: int | None = opt(1, "torch threads; 1 is fastest on small shared CPUs; null = torch's")
+    checkpoint_every: int = opt(0, "steps between checkpoints; 0 = only at the end (and on Ctrl-C)")
+    keep_checkpoints: int = opt(
+        1, "newest complete checkpoints kept; older go once a new one is saved"
+    )
+    save_rollouts: bool = opt(True, "write sample rollouts with teacher prompts to rollouts.jsonl")
+    rollout_samples_per_step: int = opt(2, "groups per step written to rollouts.jsonl")
+    save_all_rollouts: bool = opt(
+        False, "every rollout of every step -> rollouts_full.jsonl (for analyze)"
+    )
+    all_rollouts_max_mb: float = opt(200.0, "stop appending to rollouts_full.jsonl at this size")
+    rollout_shards: int | None = opt(
+        None, "prompt blocks sampled with their own seeds; null = one per process"
+    )
+    dist_timeout_minutes: float = opt(60.0, "collectives' timeout (rank 0 evaluates alone)")
+    parallel: str = opt(
+        "replicate", "several processes: replicate (full copies) or fsdp (sharded student)"
+    )
 
     def __post_init__(self) -> None:
         _check(self.steps >= 0, "train.steps", "must be >= 0")
@@ -285,12 +317,12 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = 10  # 0 = only before and after training
-    k: int = 4
-    temperature: float = 0.6
-    top_p: float = 0.95
-    max_prompts: int | None = None  # None = all eval prompts of the task
-    max_new_tokens: int | None = None  # None = rollout.max_new_tokens
+    every: int = opt(10, "steps between evaluations; 0 = only before and after training")
+    k: int = opt(4, "samples per eval prompt (mean@k, pass@k)")
+    temperature: float = opt(0.6, "eval sampling temperature")
+    top_p: float = opt(0.95, "eval nucleus sampling")
+    max_prompts: int | None = opt(None, "eval prompts used; null = all of the task's")
+    max_new_tokens: int | None = opt(None, "eval response limit; null = rollout.max_new_tokens")
 
     def __post_init__(self) -> None:
         _check(self.every >= 0, "eval.every", "must be >= 0")
@@ -311,10 +343,10 @@ class EvalConfig:
 
 @dataclass
 class LoggingConfig:
-    output_dir: str = "runs"
-    run_name: str | None = None  # default: "<method>-<task>-<timestamp>"
-    sinks: list[str] = field(default_factory=lambda: ["jsonl"])
-    progress: bool = True
+    output_dir: str = opt("runs", "folder of run folders")
+    run_name: str | None = opt(None, "run folder name; null = <method>-<task>-<timestamp>")
+    sinks: list[str] = opt_factory(lambda: ["jsonl"], "metric sinks: jsonl, tensorboard, wandb")
+    progress: bool = opt(True, "progress bars and evaluation lines on stderr")
 
     def __post_init__(self) -> None:
         for sink in self.sinks:
@@ -323,7 +355,7 @@ class LoggingConfig:
 
 @dataclass
 class Config:
-    method: str = "mopd"
+    method: str = opt("mopd", "method preset: " + ", ".join(METHODS))
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -417,6 +449,17 @@ def valid_keys() -> list[str]:
             if not _is_section(prefix + f.name):
                 keys.append(prefix + f.name)
     return sorted(keys)
+
+
+def key_help() -> dict[str, str]:
+    """Every settable key's help line, from its field's metadata."""
+    out: dict[str, str] = {}
+    for path, cls in _section_types().items():
+        prefix = f"{path}." if path else ""
+        for f in dataclasses.fields(cls):
+            if not _is_section(prefix + f.name):
+                out[prefix + f.name] = field_help(f)
+    return out
 
 
 def _check_keys(flat: Mapping[str, Any], source: str) -> None:

@@ -46,6 +46,7 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any, Literal
 
+from mopd.core.fields import opt
 from mopd.core.peer_controls import (
     control_shortfall_fraction,
     random_peer_context,
@@ -91,16 +92,24 @@ def _check_bool(name: str, value: object) -> None:
 class PeerConfig:
     """How peer contexts are built; see the module docstring for the rules."""
 
-    n_success: int = 2
-    n_failure: int = 1
-    failure_condition: Literal["always", "when_no_solution"] = "always"
-    exclude_self: bool = True
-    policy: Literal["random", "first", "shortest"] = "random"
-    success_threshold: float = 0.5
-    include_feedback: bool = False
-    feedback_only_without_success: bool = True
-    control: Literal["none", "random_peer", "unrelated_prompt", "success_only_matched"] = "none"
-    control_match: Literal["block", "token"] = "block"
+    n_success: int = opt(2, "successful peers in the teacher's context")
+    n_failure: int = opt(1, "failed peers in the teacher's context")
+    failure_condition: Literal["always", "when_no_solution"] = opt(
+        "always", "always, or when_no_solution (failures only if no success)"
+    )
+    exclude_self: bool = opt(True, "a rollout is never its own peer")
+    policy: Literal["random", "first", "shortest"] = opt(
+        "random", "which peers: random, first, shortest"
+    )
+    success_threshold: float = opt(0.5, "reward at or above which a rollout is a success")
+    include_feedback: bool = opt(False, "show the verifier's feedback on a failed peer (SDPO)")
+    feedback_only_without_success: bool = opt(True, "feedback only when the group has no success")
+    control: Literal["none", "random_peer", "unrelated_prompt", "success_only_matched"] = opt(
+        "none", "ablation: none, random_peer, unrelated_prompt, success_only_matched"
+    )
+    control_match: Literal["block", "token"] = opt(
+        "block", "controls match the real context's length by block or token"
+    )
 
     def __post_init__(self) -> None:
         for name in ("n_success", "n_failure"):

@@ -62,6 +62,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Literal
 
+from mopd.core.fields import opt
+
 SlotKind = Literal["success", "failure", "feedback"]
 Turn = tuple[str, str]  # (role, content) of one chat message
 LAYOUTS = ("paper", "multi-turn", "summaries")
@@ -77,20 +79,39 @@ class TeacherTemplates:
     ``header + peer_text + block_suffix``. Without any block only ``question`` is returned.
     """
 
-    question_suffix: str = "\n"
-    success_header: str = "Correct solution:\n\n"
-    extra_success_header: str = "Another successful solution:\n\n"
-    failure_header: str = "A known failed solution (avoid repeating this mistake):\n\n"
-    feedback_header: str = "Verifier feedback on an earlier attempt at this question:\n\n"
-    block_suffix: str = "\n"
-    instruction: str = "\nCorrectly solve the original question."
-    # multi-turn layout: the user turn after each peer is verdict + retry + question.
-    success_verdict: str = "That answer is correct."
-    failure_verdict: str = "That answer is wrong. Avoid repeating this mistake."
-    retry: str = "\n\nSolve the question again:\n\n"
-    # summaries layout: headers of the condensed peers.
-    summary_success_header: str = "Summary of a successful solution:\n\n"
-    summary_failure_header: str = "Summary of an unsuccessful solution:\n\n"
+    question_suffix: str = opt("\n", "text after the question (paper layout)")
+    success_header: str = opt("Correct solution:\n\n", "header of the first successful peer")
+    extra_success_header: str = opt(
+        "Another successful solution:\n\n", "header of further successful peers"
+    )
+    failure_header: str = opt(
+        "A known failed solution (avoid repeating this mistake):\n\n", "header of a failed peer"
+    )
+    feedback_header: str = opt(
+        "Verifier feedback on an earlier attempt at this question:\n\n",
+        "header of verifier feedback",
+    )
+    block_suffix: str = opt("\n", "text after each peer block")
+    instruction: str = opt(
+        "\nCorrectly solve the original question.", "closing instruction of the teacher prompt"
+    )
+    success_verdict: str = opt(
+        "That answer is correct.", "multi-turn: user turn after a successful peer"
+    )
+    failure_verdict: str = opt(
+        "That answer is wrong. Avoid repeating this mistake.",
+        "multi-turn: user turn after a failed peer",
+    )
+    retry: str = opt(
+        "\n\nSolve the question again:\n\n",
+        "multi-turn: text between the verdict and the question again",
+    )
+    summary_success_header: str = opt(
+        "Summary of a successful solution:\n\n", "summaries: header of a condensed success"
+    )
+    summary_failure_header: str = opt(
+        "Summary of an unsuccessful solution:\n\n", "summaries: header of a condensed failure"
+    )
 
     def __post_init__(self) -> None:
         for f in fields(self):
