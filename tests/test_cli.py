@@ -230,3 +230,29 @@ def test_resume_without_a_checkpoint_is_one_line_before_any_model_loads(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no complete checkpoint in it" in err[0], err
     assert f"mopd train --config {run / 'config.yaml'}" in err[0]
+
+
+@pytest.mark.integration
+def test_a_tokenizer_without_chat_template_is_one_line_before_the_model_loads(
+    tmp_path, tiny_model_dir, monkeypatch, capsys
+):
+    import shutil
+
+    plain = tmp_path / "base-model"
+    shutil.copytree(tiny_model_dir, plain)
+    config = plain / "tokenizer_config.json"
+    import json
+
+    data = json.loads(config.read_text())
+    data.pop("chat_template", None)
+    config.write_text(json.dumps(data))
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    monkeypatch.setattr("mopd.training.build.load_model", _refuse)
+    code = main(["train", f"model.name={plain}", f"logging.output_dir={tmp_path}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "has no chat template: use an instruct/chat model" in err[0]
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("the model was loaded before the tokenizer was checked")

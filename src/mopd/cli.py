@@ -25,7 +25,7 @@ from mopd.config import (
     to_dict,
     valid_keys,
 )
-from mopd.errors import ModelNotFoundError, RunFolderError
+from mopd.errors import ModelNotFoundError, RunFolderError, UnusableModelError
 from mopd.tasks.registry import TaskError
 
 if TYPE_CHECKING:
@@ -183,8 +183,18 @@ def _parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """The console shows mopd's own progress; transformers' per-load and per-save bars
+    ("Loading weights", "Writing model shards") would bury it."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def _train(args: argparse.Namespace) -> int:
     from mopd.training.trainer import Trainer, final_summary
+
+    _quiet_libraries()
 
     if args.resume is not None:
         if args.config:
@@ -267,6 +277,7 @@ def _eval_settings(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 def _eval(args: argparse.Namespace) -> int:
     options, source = _eval_settings(args)
     models = _eval_models(args)
+    _quiet_libraries()
     shown = {key: getattr(args, key) for key in (*EVAL_DEFAULTS, "max_prompts")}
     used = (
         f"evaluating on {', '.join(args.task)} {options or ''} with "
@@ -409,6 +420,7 @@ def _analyze(args: argparse.Namespace) -> int:
     from mopd.tasks.registry import build_task
 
     torch.set_num_threads(args.threads)
+    _quiet_libraries()
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, dtype=args.dtype)
     teacher = load_model(args.teacher, dtype=args.dtype) if args.teacher else None
@@ -479,7 +491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         commands = {"train": _train, "eval": _eval, "analyze": _analyze, "report": _report}
         return commands[args.command](args)
-    except (ConfigError, TaskError, ModelNotFoundError, RunFolderError) as exc:  # one line
+    except (ConfigError, TaskError, ModelNotFoundError, RunFolderError, UnusableModelError) as exc:
         print(f"mopd: error: {exc}", file=sys.stderr)
         return 2
 

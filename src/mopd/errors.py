@@ -14,3 +14,7 @@ class ModelNotFoundError(FileNotFoundError):
 class RunFolderError(Exception):
     """A run folder that cannot be used as asked: in use by another training, or nothing
     to resume in it."""
+
+
+class UnusableModelError(ValueError):
+    """A model or tokenizer that exists but cannot be trained here (e.g. no chat template)."""

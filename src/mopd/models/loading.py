@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mopd.errors import ModelNotFoundError
+from mopd.errors import ModelNotFoundError, UnusableModelError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -411,9 +411,14 @@ def load_tokenizer(name: str, cache_dir: str | Path | None = None) -> PreTrained
         path = resolve_model_path(name, cache_dir)
         with _hub_hint(name, path):
             tokenizer = AutoTokenizer.from_pretrained(path)
+    if not getattr(tokenizer, "chat_template", None):  # prompts are chat turns throughout
+        raise UnusableModelError(
+            f"the tokenizer of {name!r} has no chat template: use an instruct/chat model "
+            "(its tokenizer_config.json sets chat_template), e.g. packaged:smollm2-135m-instruct"
+        )
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ValueError(f"tokenizer of {name!r} has neither a pad nor an eos token")
+            raise UnusableModelError(f"tokenizer of {name!r} has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
