@@ -148,8 +148,18 @@ def test_eval_limits_and_sections_given_a_value_are_named(override, message):
 def test_malformed_yaml_names_its_file(tmp_path):
     recipe = tmp_path / "broken.yaml"
     recipe.write_text("train:\n  steps: [1\n")
-    with pytest.raises(ConfigError, match=r"broken\.yaml: not valid YAML: .*line 2"):
+    with pytest.raises(ConfigError, match=r"broken\.yaml:3:1: not valid YAML: expected ','") as e:
         load_config(str(recipe))
+    assert "<unicode string>" not in str(e.value)
+
+
+def test_a_folder_named_like_a_recipe_does_not_shadow_it(tmp_path, monkeypatch):
+    (tmp_path / "demo").mkdir()  # e.g. an output folder called demo
+    monkeypatch.chdir(tmp_path)
+    assert load_config("demo").method == "mopd-signed"
+    (tmp_path / "mine.yaml").mkdir()
+    with pytest.raises(ConfigError, match=r"mine\.yaml is a folder"):
+        load_config("mine.yaml")
 
 
 def test_every_key_has_a_help_line_in_its_field_metadata():

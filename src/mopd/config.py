@@ -562,7 +562,9 @@ def _parse_override(item: str) -> tuple[str, Any]:
 def recipe_path(name_or_path: str) -> Path:
     """A YAML file path, or the name of a packaged recipe (``demo``, ``grpo`` ...)."""
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    if path.suffix in (".yaml", ".yml") or path.is_file():  # a folder named demo is no recipe
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a folder")
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
         return path
@@ -588,7 +590,10 @@ def _read_recipe(name_or_path: str, _seen: tuple[Path, ...] = ()) -> dict[str, A
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+        raise ConfigError(f"{where}: not valid YAML: {problem}") from None
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     data = dict(data)
