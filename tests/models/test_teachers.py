@@ -237,17 +237,32 @@ def test_bf16_ema_follows_changes_below_bf16_resolution(tokenizer) -> None:
 def test_bf16_ema_record_survives_a_checkpoint_round_trip(tokenizer) -> None:
     student = make_tiny_model(tokenizer).to(torch.bfloat16)
     teacher = EmaTeacher(student, rate=0.05)
-    _nudge(student, scale=2e-2)
-    teacher.update(student)
+    frozen = "model.layers.1.mlp.down_proj.weight"  # a weight the student never changes
+    kept = dict(student.named_parameters())[frozen].detach().clone()
+    for seed in (0, 1):
+        _nudge(student, scale=2e-2, seed=seed)
+        with torch.no_grad():
+            dict(student.named_parameters())[frozen].copy_(kept)
+        teacher.update(student)
     state = {k: v.clone() for k, v in teacher.state_dict().items()}
-    assert any(k.startswith("ema_float32.") for k in state)
-    restored = EmaTeacher(make_tiny_model(tokenizer, seed=5).to(torch.bfloat16), rate=0.05)
+    # Compact: the float32 records of the weights that moved, no bf16 copy of the model.
+    assert state and all(k.startswith("ema_float32.") for k in state)
+    assert f"ema_float32.{frozen}" not in state
+    # A resumed run builds its teacher from the restored student, then loads the records.
+    restored = EmaTeacher(student, rate=0.05)
     restored.load_state_dict(state)
     assert restored.exact.keys() == teacher.exact.keys()
     for name, value in teacher.exact.items():
         assert torch.equal(restored.exact[name], value)
     for a, b in zip(restored.model.parameters(), teacher.model.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_frozen_bf16_copy_keeps_its_full_state(tokenizer) -> None:
+    student = make_tiny_model(tokenizer).to(torch.bfloat16)
+    reference = EmaTeacher(student, rate=0.0)  # the DPO reference: the initial student
+    state = reference.state_dict()
+    assert set(state) == set(reference.model.state_dict())
 
 
 def test_float32_ema_keeps_no_record(tokenizer) -> None:

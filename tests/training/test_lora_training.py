@@ -48,12 +48,16 @@ def test_lora_run_trains_only_adapters_and_saves_a_plain_merged_student(tmp_path
     assert not torch.equal(teacher[q], merged[q])
 
 
-def test_lora_resume_equals_uninterrupted_run(tmp_path, tiny_model_dir):
-    full = Trainer(_config(tmp_path / "a", tiny_model_dir, "train.steps=3"))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bf16: compact teacher state
+def test_lora_resume_equals_uninterrupted_run(tmp_path, tiny_model_dir, dtype):
+    full = Trainer(_config(tmp_path / "a", tiny_model_dir, "train.steps=3", f"model.dtype={dtype}"))
     full_result = full.train()
 
-    half = Trainer(_config(tmp_path / "b", tiny_model_dir, "train.steps=1"))
+    half = Trainer(_config(tmp_path / "b", tiny_model_dir, "train.steps=1", f"model.dtype={dtype}"))
     half.train()
+    if dtype == "bfloat16":  # the EMA teacher's float32 records alone
+        state = torch.load(half.run_dir / "checkpoints/step-000001/teacher.pt")
+        assert state and all(k.startswith("ema_float32.") for k in state)
     resumed_cfg = load_saved_config(half.run_dir / "config.yaml", ["train.steps=3"])
     resumed_result = Trainer(resumed_cfg, run_dir=half.run_dir, resume=True).train()
 
