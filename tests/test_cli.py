@@ -256,3 +256,14 @@ def test_a_tokenizer_without_chat_template_is_one_line_before_the_model_loads(
 
 def _refuse(*args, **kwargs):
     raise AssertionError("the model was loaded before the tokenizer was checked")
+
+
+@pytest.mark.unit
+def test_an_interrupt_outside_the_training_loop_is_one_line_exit_130(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("mopd.cli._report", interrupted)
+    assert main(["report", "somewhere"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["mopd: interrupted (work since the last checkpoint is lost)"]

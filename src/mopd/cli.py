@@ -494,6 +494,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, TaskError, ModelNotFoundError, RunFolderError, UnusableModelError) as exc:
         print(f"mopd: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C in training, or any Ctrl-C elsewhere
+        print("\nmopd: interrupted (work since the last checkpoint is lost)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

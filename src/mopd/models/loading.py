@@ -38,6 +38,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -265,6 +266,25 @@ def assemble_parts(spec: PackagedModel, out_path: Path, chunk_bytes: int = 2**24
         )
 
 
+def _announce(message: str) -> None:
+    """A one-time step the user waits for: on stderr, whatever the logging setup."""
+    print(f"mopd: {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _progress_bars() -> Iterator[None]:
+    """transformers' progress bars on within the block, as they were after it."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()
+    try:
+        yield
+    finally:
+        if not was_on:
+            hf_logging.disable_progress_bar()
+
+
 def _convert_gguf(gguf_path: Path, out_dir: Path, dtype: str = "float32") -> None:
     """Dequantise a GGUF checkpoint into a `dtype` safetensors folder with its tokenizer."""
     if importlib.util.find_spec("gguf") is None:
@@ -277,7 +297,8 @@ def _convert_gguf(gguf_path: Path, out_dir: Path, dtype: str = "float32") -> Non
     if hasattr(config, "quantization_config"):  # the saved weights are plain floats
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, **_dtype_kwargs(DTYPES[dtype]))
-    tensors = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=model)
+    with _progress_bars():  # the one long one-time phase: show it even in a quiet console
+        tensors = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=model)
     missing, unexpected = model.load_state_dict(tensors["tensors"], strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight") and config.tie_word_embeddings}
     if set(missing) - tied or unexpected:
@@ -316,13 +337,13 @@ def _ensure_packaged(name: str, cache_dir: str | Path | None) -> Path:
 
     def build(tmp: Path) -> None:
         if not spec.parts:
-            logger.info("converting %s from %s into %s (once)", name, gguf_path, target)
+            _announce(f"converting {name} from {gguf_path} into {target} (once)")
             _convert_gguf(gguf_path, tmp, spec.dtype)
             return
         with tempfile.TemporaryDirectory(dir=tmp.parent) as scratch:
             assembled = Path(scratch) / spec.gguf_file
             assemble_parts(spec, assembled)
-            logger.info("converting %s into %s (once)", name, target)
+            _announce(f"converting {name} into {target} (once; a few minutes)")
             _convert_gguf(assembled, tmp, spec.dtype)
 
     return build_directory_atomically(target, build, marker_info=info)
