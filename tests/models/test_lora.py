@@ -207,3 +207,12 @@ def test_bf16_ema_teacher_records_lora_changes_below_bf16_resolution(tokenizer):
     expected = w + 0.05 * delta
     torch.testing.assert_close(teacher.exact[name].double(), expected, rtol=1e-6, atol=1e-8)
     assert (teacher.exact[name].double() - w).abs().max() > 1e-8  # the change was kept
+
+
+def test_adding_adapters_prints_no_library_deprecation_warning(tokenizer):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        add_lora(make_tiny_model(tokenizer), r=4, alpha=8.0, target_modules=["q_proj"])
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]

@@ -29,6 +29,7 @@ only when adapters are used.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -79,6 +80,21 @@ def add_lora(
     trained adapter saved there is loaded instead (resume).
     """
     peft = _peft()
+    with warnings.catch_warnings():  # PEFT calls a transformers API deprecated in v5
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        return _wrap(peft, model, r, alpha, dropout, target_modules, seed, adapter_dir)
+
+
+def _wrap(
+    peft: Any,
+    model: PreTrainedModel,
+    r: int,
+    alpha: float,
+    dropout: float,
+    target_modules: Sequence[str],
+    seed: int,
+    adapter_dir: str | Path | None,
+) -> Any:
     if adapter_dir is not None:
         return peft.PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
     config = peft.LoraConfig(
