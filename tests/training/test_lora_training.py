@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,8 @@ def _config(tmp_path: Path, model_dir: Path, *extra: str):
 
 
 def test_lora_run_trains_only_adapters_and_saves_a_plain_merged_student(tmp_path, tiny_model_dir):
-    trainer = Trainer(_config(tmp_path, tiny_model_dir, "teacher.ema_rate=0.5"))
+    extra = ("teacher.ema_rate=0.5", "train.checkpoint_every=1", "train.keep_checkpoints=2")
+    trainer = Trainer(_config(tmp_path, tiny_model_dir, *extra))
     before = {k: v.detach().clone() for k, v in trainer.student.named_parameters()}
     optimized = {id(p) for g in trainer.parts.optimizer.param_groups for p in g["params"]}
     assert optimized == {id(p) for p in trainer.student.parameters() if p.requires_grad}
@@ -36,6 +38,12 @@ def test_lora_run_trains_only_adapters_and_saves_a_plain_merged_student(tmp_path
     changed = {k for k, v in trainer.student.named_parameters() if not torch.equal(v, before[k])}
     assert changed and all(".lora_" in k for k in changed)
 
+    # A periodic checkpoint keeps what resuming needs: adapter (with the tokenizer), no
+    # merged copy; the last one also the merged model users load.
+    periodic = result.run_dir / "checkpoints" / "step-000001"
+    assert not (periodic / "student").exists()
+    assert (periodic / "adapter" / "adapter_model.safetensors").exists()
+    assert (periodic / "adapter" / "tokenizer_config.json").exists()
     ckpt = result.run_dir / "checkpoints" / "step-000002"
     merged = load_file(str(ckpt / "student" / "model.safetensors"))
     assert not any("lora" in k or "base_layer" in k for k in merged)
@@ -53,10 +61,18 @@ def test_lora_resume_equals_uninterrupted_run(tmp_path, tiny_model_dir, dtype):
     full = Trainer(_config(tmp_path / "a", tiny_model_dir, "train.steps=3", f"model.dtype={dtype}"))
     full_result = full.train()
 
-    half = Trainer(_config(tmp_path / "b", tiny_model_dir, "train.steps=1", f"model.dtype={dtype}"))
+    # Killed after step 3 was logged but before it was saved: resume from step 1's
+    # periodic checkpoint, which holds the adapter but no merged student.
+    extra = ("train.checkpoint_every=1", "train.keep_checkpoints=3", f"model.dtype={dtype}")
+    half = Trainer(_config(tmp_path / "b", tiny_model_dir, "train.steps=3", *extra))
     half.train()
+    checkpoints = half.run_dir / "checkpoints"
+    for step in (2, 3):
+        shutil.rmtree(checkpoints / f"step-00000{step}")
+    (checkpoints / "latest").write_text("step-000001")
+    assert not (checkpoints / "step-000001" / "student").exists()
     if dtype == "bfloat16":  # the EMA teacher's float32 records alone
-        state = torch.load(half.run_dir / "checkpoints/step-000001/teacher.pt")
+        state = torch.load(checkpoints / "step-000001/teacher.pt")
         assert state and all(k.startswith("ema_float32.") for k in state)
     resumed_cfg = load_saved_config(half.run_dir / "config.yaml", ["train.steps=3"])
     resumed_result = Trainer(resumed_cfg, run_dir=half.run_dir, resume=True).train()

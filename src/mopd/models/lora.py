@@ -16,9 +16,9 @@ effective weights one tensor at a time (``W + s·B·A`` computed on the fly per 
 without merging the student in place) for the teacher's lerp. The peak extra memory of an
 update is one layer's weight, not a second model.
 
-Checkpoints of an adapted student (:func:`save_adapted_student`) hold the merged model
-(a plain Hugging Face folder that loads without PEFT, for evaluation and serving) and the
-adapter alone (``adapter/``, a PEFT folder). Resuming reloads the frozen base from
+Checkpoints of an adapted student (:func:`save_adapted_student`) hold the adapter alone
+(``adapter/``, a PEFT folder) and, at the end of training or on Ctrl-C, the merged model
+(a plain Hugging Face folder that loads without PEFT, for evaluation and serving). Resuming reloads the frozen base from
 ``model.name`` and the trained adapter from the checkpoint, which restores the student
 bit for bit; the base therefore must not change between the run and its resumption.
 
@@ -173,18 +173,21 @@ def merged_copy(model: Any) -> PreTrainedModel:
     return copy.deepcopy(model).merge_and_unload()  # type: ignore[no-any-return]
 
 
-def save_adapted_student(model: Any, student_dir: Path, adapter_dir: Path) -> None:
-    """Write the merged model to `student_dir` (plain HF folder) and the adapter to `adapter_dir`.
+def save_adapted_student(model: Any, student_dir: Path | None, adapter_dir: Path) -> None:
+    """Write the adapter to `adapter_dir` and, unless `student_dir` is None, the merged
+    model there (a plain HF folder).
 
     The merged weights are streamed from :func:`effective_parameters` into a state dict
     instead of merging the live student, which keeps training state untouched.
     """
+    model.save_pretrained(adapter_dir)
+    if student_dir is None:
+        return
     merged = {name: value.contiguous() for name, value in effective_parameters(model)}
     merged.update(
         {name: buf for name, buf in plain_buffers(model) if name in _persistent_buffers(model)}
     )
     base_model(model).save_pretrained(student_dir, state_dict=merged, safe_serialization=True)
-    model.save_pretrained(adapter_dir)
 
 
 def _persistent_buffers(model: Any) -> set[str]:

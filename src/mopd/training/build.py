@@ -64,10 +64,10 @@ def build_student(
     """
     cfg = config.model
     source = str(resume_from / "student") if resume_from else cfg.name
-    tokenizer = load_tokenizer(source, cache_dir=cfg.cache_dir)
     # With adapters the frozen base always comes from model.name (checkpoints hold the
-    # merged model for users and the adapter for resuming; see models/lora.py).
+    # adapter for resuming, and the merged model for users only at the end of training).
     weights = cfg.name if cfg.lora.r else source
+    tokenizer = load_tokenizer(weights, cache_dir=cfg.cache_dir)
     student = load_model(weights, dtype=cfg.dtype, cache_dir=cfg.cache_dir)
     if shard_over > 1:  # this process keeps 1/W of every weight, on its device
         shard_model(student, init_device_mesh(device.type, (shard_over,)))

@@ -3,7 +3,8 @@
 Layout of ``RUN_DIR/checkpoints/step-000010/``::
 
     student/            Hugging Face folder (save_pretrained): loadable by plain transformers
-                        (a LoRA student is saved merged, W + s·B·A)
+                        (a LoRA student is saved merged, W + s·B·A, at the end of training
+                        and on Ctrl-C only; a 1.5B merged copy is 3.3 GiB per save)
     adapter/            LoRA students only: the PEFT adapter, what resuming loads
     teacher.pt          teacher state (EMA weights, or the frozen initial copy)
     reference.pt        frozen reference policy (DPO), when present
@@ -88,8 +89,12 @@ def save_checkpoint(
     reference: Any | None = None,
     keep_last: int = 1,
     write: bool = True,
+    merged: bool = True,
 ) -> Path | None:
     """Write a checkpoint atomically and point ``latest`` at it; prune older ones.
+
+    `merged=False` leaves out a LoRA student's merged ``student/`` folder (resuming needs
+    the adapter only); other students always write theirs.
 
     Sharded student: every process must call this (the states are gathered to rank 0);
     only the one with ``write=True`` (rank 0) writes, the others return None.
@@ -110,10 +115,10 @@ def save_checkpoint(
     if sharded:
         save_full_pretrained(student, student_state, tmp / "student")
     elif is_adapted(student):  # merged model for users, adapter alone for resuming
-        save_adapted_student(student, tmp / "student", tmp / "adapter")
+        save_adapted_student(student, tmp / "student" if merged else None, tmp / "adapter")
     else:
         student.save_pretrained(tmp / "student", safe_serialization=True)
-    tokenizer.save_pretrained(tmp / "student")
+    tokenizer.save_pretrained(tmp / ("student" if (tmp / "student").exists() else "adapter"))
     if teacher_state is not None:
         torch.save(teacher_state, tmp / "teacher.pt")
     if reference_state is not None:

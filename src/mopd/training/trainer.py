@@ -232,8 +232,9 @@ class Trainer:
             print(f"mopd: {path} reached train.all_rollouts_max_mb; not appending", file=sys.stderr)
             self._full_rollouts_capped = True
 
-    def _checkpoint(self) -> None:
-        """Rank 0 writes; with a sharded student every process helps gather the states."""
+    def _checkpoint(self, merged: bool = True) -> None:
+        """Rank 0 writes; with a sharded student every process helps gather the states.
+        `merged`: also a LoRA student's merged model (see `save_checkpoint`)."""
         if not (self.sharded or self.dist.is_main):
             return
         save_checkpoint(
@@ -247,6 +248,7 @@ class Trainer:
             reference=self.parts.reference,
             keep_last=self.config.train.keep_checkpoints,
             write=self.dist.is_main,
+            merged=merged,
         )
 
     def train(self) -> RunResult:
@@ -341,8 +343,9 @@ class Trainer:
                     ctx=f"{metrics.get('teacher/context_fraction', float('nan')):.2f}",
                 )
                 periodic = cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0
-                if periodic or step == cfg.train.steps or stop.requested:
-                    self._checkpoint()
+                last = step == cfg.train.steps or stop.requested  # what users load
+                if periodic or last:
+                    self._checkpoint(merged=last)
                 if stop.requested and step < cfg.train.steps:
                     bar.close()
                     raise TrainingInterrupted(self.run_dir, step)
