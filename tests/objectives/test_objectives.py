@@ -170,8 +170,13 @@ def test_credit_advantages_keep_the_verifiers_sign_and_use_the_teacher(setting):
         requests = objective.teacher_requests(rows)
         assert requests, kind
         forward = StudentForward.run(rows, scorers, requests)
-        adv_BR = objective.token_advantages(forward)  # type: ignore[attr-defined]
+        log = StepLog()
+        adv_BR = objective.token_advantages(forward, log)  # type: ignore[attr-defined]
         adv_B1 = torch.tensor([[r.advantage] for r in rows])
+        if kind == "signed-credit":  # its teacher forward also gives the signal metrics
+            scored = {(rows[i].group, rows[i].index) for i, _ in requests}
+            assert set(log.teacher_scores) == scored
+            assert all(score < 0 for score in log.teacher_scores.values())
         valid = forward.mask_BR != 0
         assert ((adv_BR * adv_B1)[valid] >= 0).all(), kind  # never the opposite sign
         assert not torch.allclose(adv_BR[valid], adv_B1.expand_as(adv_BR)[valid]), kind

@@ -21,7 +21,7 @@ from mopd.core.credit import contrastive_credit, signed_teacher_credit
 from mopd.core.losses import token_logprobs
 from mopd.objectives.base import StepLog
 from mopd.objectives.batch import Row, Scorers, StudentForward, TeacherRequest
-from mopd.objectives.distill import context_requests, loss_temperature
+from mopd.objectives.distill import context_requests, loss_temperature, record_signal
 from mopd.objectives.grpo import Grpo, grpo_term, row_advantages
 
 
@@ -41,7 +41,7 @@ class _CreditObjective(Grpo):
     def loss(
         self, forward: StudentForward, norms: Mapping[str, float], scorers: Scorers, log: StepLog
     ) -> Tensor:
-        adv_BR = self.token_advantages(forward)
+        adv_BR = self.token_advantages(forward, log)
         loss = grpo_term(self.config, forward, norms, log, adv_BR, term=self.name)
         with torch.no_grad():  # how far the credit moved the advantages: mean A_t / A
             adv_B1 = row_advantages(forward).to(adv_BR.dtype).unsqueeze(-1)
@@ -51,8 +51,8 @@ class _CreditObjective(Grpo):
         return loss
 
     @abstractmethod
-    def token_advantages(self, forward: StudentForward) -> Tensor:
-        """Per-token advantages of the forward's rows.  # (B, R)"""
+    def token_advantages(self, forward: StudentForward, log: StepLog) -> Tensor:
+        """Per-token advantages of the forward's rows (`log`: for signal metrics).  # (B, R)"""
 
 
 class SignedCredit(_CreditObjective):
@@ -63,12 +63,15 @@ class SignedCredit(_CreditObjective):
     def teacher_requests(self, rows: Sequence[Row]) -> list[TeacherRequest]:
         return context_requests(rows)
 
-    def token_advantages(self, forward: StudentForward) -> Tensor:
+    def token_advantages(self, forward: StudentForward, log: StepLog) -> Tensor:
         temp = loss_temperature(self.config)
         student_BR = forward.sampling_logprobs(temp)
         teacher_BR = student_BR.clone()  # no context: ratio 1, the plain advantage
-        if forward.teacher_index:
-            teacher_BR[forward.teacher_index] = _teacher_logprobs(forward, temp)
+        if index := forward.teacher_index:
+            teacher_BR[index] = _teacher_logprobs(forward, temp)
+            rows = [forward.rows[i] for i in index]
+            mask_NR = forward.mask_BR[index]
+            record_signal(log, rows, teacher_BR[index], student_BR[index], mask_NR)
         adv_B = row_advantages(forward).to(student_BR.dtype)
         return signed_teacher_credit(
             adv_B, teacher_BR, student_BR, clip=self.config.loss.credit_clip
@@ -90,7 +93,7 @@ class ContrastiveCredit(_CreditObjective):
                 requests += [(i, pair[0]), (i, pair[1])]
         return requests
 
-    def token_advantages(self, forward: StudentForward) -> Tensor:
+    def token_advantages(self, forward: StudentForward, log: StepLog) -> Tensor:
         loss = self.config.loss
         adv_B = row_advantages(forward).to(forward.mask_BR.dtype)
         success_BR = forward.mask_BR.new_zeros(forward.mask_BR.shape)

@@ -79,14 +79,23 @@ def distill_term(
     per_tok_BR = importance_weighted(per_tok_BR, samp_BR, old_BR, loss_cfg.is_clip)
     loss = aggregate(per_tok_BR, mask_BR, loss_cfg.aggregation, denominator=norms[DENOM])
     log.losses["distill"] += float(loss.detach())
-    with torch.no_grad():  # per-rollout signal quality: teacher score and gap
-        n_tok_B = mask_BR.sum(1).clamp_min(1)
-        score_B = (t_logp_BR * mask_BR).sum(1) / n_tok_B
-        gap_B = ((t_logp_BR - s_logp_BR.detach()) * mask_BR).sum(1) / n_tok_B
+    record_signal(log, rows, t_logp_BR, s_logp_BR, mask_BR)
+    return loss
+
+
+@torch.no_grad()
+def record_signal(
+    log: StepLog, rows: Sequence[Row], t_logp_BR: Tensor, s_logp_BR: Tensor, mask_BR: Tensor
+) -> None:
+    """Per-rollout signal quality of the teacher-scored `rows`: the teacher score (mean
+    log-prob; feeds the in-group AUC and the rollout records) and the teacher-minus-student
+    gap on successes and on failures."""
+    n_tok_B = mask_BR.sum(1).clamp_min(1)
+    score_B = (t_logp_BR * mask_BR).sum(1) / n_tok_B
+    gap_B = ((t_logp_BR - s_logp_BR.detach()) * mask_BR).sum(1) / n_tok_B
     for row, score, gap in zip(rows, score_B.tolist(), gap_B.tolist(), strict=True):
         log.teacher_scores[(row.group, row.index)] = score
         log.add_ratio("gap/success" if row.success else "gap/failure", gap, 1.0)
-    return loss
 
 
 class Distill(Objective):
