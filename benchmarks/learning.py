@@ -22,8 +22,9 @@ stopped at any time and continued later, in as many parts as needed:
     python benchmarks/learning.py status --setting add1             # what is left
     python benchmarks/learning.py report                            # tables + plots
 
-`run` does the learning-rate search first, then seed by seed the main runs, so a partial
-benchmark is balanced across methods.
+`run` does the learning-rate search first, then seed 0 of every method, then the seeds
+of base, GRPO and the peer methods with the best seed-0 validation, then the rest
+(`plan`), so a partial benchmark holds the comparisons that matter first.
 """
 
 from __future__ import annotations
@@ -161,14 +162,34 @@ def seeds_of(setting: str, method: str) -> tuple[int, ...]:
     return FEW_SEEDS
 
 
+def _seed0_validation(setting: str, method: str) -> float:
+    """Final validation mean@k of the method's seed-0 run at its chosen rate (-1: none yet)."""
+    lr = chosen_lr(setting, method)
+    record = _records(setting).get(Run(setting, method, lr, 0).name) if lr is not None else None
+    return record["validation"][-1][f"mean@{EVAL_K}"] if record else -1.0
+
+
 def plan(setting: str) -> list[Run]:
-    """Every run of the benchmark that can be planned now, in execution order."""
+    """Every run of the benchmark that can be planned now, in execution order: the grid,
+    then seed 0 of every method; then seeds 1-2 of base, GRPO and the three peer methods
+    with the best seed-0 validation, then those of the others; then seeds 3-4. The order
+    only decides what a partial benchmark holds first (the paired comparisons that
+    matter); which runs exist is fixed by the protocol (`seeds_of`)."""
     runs = [Run(setting, m, lr, 0) for m in SEARCHED for lr in LR_GRID]
-    for seed in ALL_SEEDS:
-        for method in ("base", *METHODS):
-            lr = 0.0 if method == "base" else chosen_lr(setting, method)
-            if lr is not None and seed in seeds_of(setting, method):
-                runs.append(Run(setting, method, lr, seed))
+    ranked = sorted(PEER_METHODS, key=lambda m: -_seed0_validation(setting, m))
+    first = ("base", "grpo", *ranked[:3])
+    phases = [
+        ((0,), ("base", *METHODS)),
+        ((1, 2), first),
+        ((1, 2), ranked[3:]),
+        ((3, 4), ("base", *METHODS)),
+    ]
+    for seeds, methods in phases:
+        for seed in seeds:
+            for method in methods:
+                lr = 0.0 if method == "base" else chosen_lr(setting, method)
+                if lr is not None and seed in seeds_of(setting, method):
+                    runs.append(Run(setting, method, lr, seed))
     return list(dict.fromkeys(runs))
 
 

@@ -75,6 +75,22 @@ def test_the_two_best_peer_methods_by_validation_get_five_seeds(learning):
     assert five == {"base", "grpo", *best}
 
 
+def test_seeds_of_the_best_seed0_methods_come_before_the_rest(learning):
+    seed0 = {m: 0.1 * (i + 1) for i, m in enumerate(learning.PEER_METHODS)}
+    seed0["grpo"] = 0.5
+    for method in learning.SEARCHED:  # the grid's first rate wins: seed 0 = that run
+        _grid(learning, method, (seed0[method], 0.0, 0.0))
+    for method in set(learning.PEER_METHODS) - set(learning.SEARCHED):
+        _write(learning, method, learning.LR_GRID[0], 0, seed0[method])
+    order = [(r.method, r.seed) for r in learning.plan("add1") if r.seed in (1, 2)]
+    best3 = list(learning.PEER_METHODS[::-1][:3])
+    first = [m for m, _ in order[: 2 * 5]]
+    assert set(first) == {"base", "grpo", *best3}
+    assert order[:5] == [(m, 1) for m in ("base", "grpo", *best3)]
+    rest = {m for m, _ in order[2 * 5 :]}
+    assert rest == set(learning.PEER_METHODS) - set(best3)
+
+
 def test_paired_difference_to_grpo_is_over_shared_seeds(learning):
     lr = learning.LR_GRID[0]
     _grid(learning, "grpo", (0.5, 0.4, 0.3))
