@@ -177,6 +177,8 @@ def test_credit_advantages_keep_the_verifiers_sign_and_use_the_teacher(setting):
             scored = {(rows[i].group, rows[i].index) for i, _ in requests}
             assert set(log.teacher_scores) == scored
             assert all(score < 0 for score in log.teacher_scores.values())
+            num, den = log.ratios["credit/clipped_fraction"]
+            assert den == int(((forward.mask_BR != 0) & (adv_B1 != 0)).sum()) and 0 <= num <= den
         valid = forward.mask_BR != 0
         assert ((adv_BR * adv_B1)[valid] >= 0).all(), kind  # never the opposite sign
         assert not torch.allclose(adv_BR[valid], adv_B1.expand_as(adv_BR)[valid]), kind

@@ -59,6 +59,7 @@ class SignedCredit(_CreditObjective):
     """``loss.kind=signed-credit``: ``A * clip((p_T / p_S)^sign(A), 1 +- loss.credit_clip)``."""
 
     name = "signed-credit"
+    reports = (*_CreditObjective.reports, "credit/clipped_fraction")
 
     def teacher_requests(self, rows: Sequence[Row]) -> list[TeacherRequest]:
         return context_requests(rows)
@@ -73,9 +74,14 @@ class SignedCredit(_CreditObjective):
             mask_NR = forward.mask_BR[index]
             record_signal(log, rows, teacher_BR[index], student_BR[index], mask_NR)
         adv_B = row_advantages(forward).to(student_BR.dtype)
-        return signed_teacher_credit(
-            adv_B, teacher_BR, student_BR, clip=self.config.loss.credit_clip
-        )
+        clip = self.config.loss.credit_clip
+        adv_BR = signed_teacher_credit(adv_B, teacher_BR, student_BR, clip=clip)
+        with torch.no_grad():  # how often the teacher's ratio is cut: then only its sign counts
+            counted_BR = (forward.mask_BR != 0) & (adv_B != 0).unsqueeze(-1)
+            weight_BR = adv_BR / torch.where(adv_B == 0, 1.0, adv_B).unsqueeze(-1)
+            cut_BR = counted_BR & ((weight_BR - 1).abs() >= clip * (1 - 1e-4))
+            log.add_ratio("credit/clipped_fraction", float(cut_BR.sum()), float(counted_BR.sum()))
+        return adv_BR
 
 
 class ContrastiveCredit(_CreditObjective):
