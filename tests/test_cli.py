@@ -28,6 +28,12 @@ def test_help_shows_the_chosen_recipe_and_overrides(capsys):
         main(["train", "--config", "grpo", "optim.lr=3e-5", "--help"])
     out = capsys.readouterr().out
     assert 'loss.kind = "grpo"' in out and "optim.lr = 3e-05" in out
+    with pytest.raises(SystemExit):
+        main(["train", "--config=grpo", "--help"])
+    assert 'loss.kind = "grpo"' in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:  # bad input: still help, with the demo's values
+        main(["train", "task.options=3", "--help"])
+    assert exc.value.code == 0 and "recipe demo (" in capsys.readouterr().out
 
 
 @pytest.mark.unit

@@ -34,14 +34,16 @@ if TYPE_CHECKING:
 
 def _options_help(argv: Sequence[str]) -> str:
     """Every key with the value the recipe and overrides in `argv` give it, and its help."""
-    recipe = next((b for a, b in itertools.pairwise(argv) if a == "--config"), None) or "demo"
+    given = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    given += [b for a, b in itertools.pairwise(argv) if a == "--config"]
+    recipe = given[-1] if given else "demo"
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]
     try:
         config, shown = load_config(recipe, overrides), f"recipe {recipe}"
         if overrides:
             shown += " with " + " ".join(overrides)
-    except ConfigError as error:  # the real run reports it; help still shows the demo's
-        config, shown = load_config("demo"), f"recipe demo ({error})"
+    except Exception as error:  # any bad input: the real run reports it; help shows the demo's
+        config, shown = load_config("demo"), f"recipe demo ({type(error).__name__}: {error})"
     values, helps = to_dict(config), key_help()
     rows = []
     for key in valid_keys():
@@ -90,6 +92,7 @@ EVAL_DEFAULTS: dict[str, Any] = {
     "max_new_tokens": 64,
     "seed": 0,
     "dtype": "float32",
+    "batch_size": 64,
 }
 
 
@@ -139,6 +142,9 @@ def _parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     )
     _sampling_args(ev, temperature=None, top_p=None, max_new_tokens=None, seed=None, dtype=None)
     ev.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the CIs")
+    ev.add_argument(
+        "--batch-size", type=int, default=None, help="rows per generate call (default 64)"
+    )
     ev.add_argument("--output", type=Path, help="write the results as JSON here (and a .md table)")
     ev.add_argument("options", nargs="*", metavar="option=value", help="task options")
 
@@ -261,6 +267,7 @@ def _eval_settings(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
             seed=derive_seed(cfg.train.seed, "eval"),  # the trainer's evaluation seed
             dtype=cfg.model.dtype,
             max_prompts=cfg.eval.max_prompts,
+            batch_size=cfg.rollout.batch_size,  # rows per generate call: part of the stream
         )
         if not args.task:
             args.task, options = [cfg.task.name], {**cfg.task.options, **options}
@@ -304,7 +311,8 @@ def _eval(args: argparse.Namespace) -> int:
     names = [f"mean@{args.k}", *([f"pass@{args.k}"] if args.k > 1 else [])]
     for model_name, step in models:
         tokenizer = load_tokenizer(model_name)
-        engine = HFRolloutEngine(load_model(model_name, dtype=args.dtype), tokenizer)
+        model = load_model(model_name, dtype=args.dtype)
+        engine = HFRolloutEngine(model, tokenizer, batch_size=args.batch_size)
         if not results:  # once a model is found: what the numbers below were made with
             print(used, file=sys.stderr)
         samples = {

@@ -313,3 +313,21 @@ def test_packaged_qwen_assembles_converts_and_generates(tmp_path) -> None:
     folder = loading.packaged_model_dir(name, tmp_path)
     assert is_complete_directory(folder)
     assert not list(folder.parent.glob("*.gguf")) and not list(folder.parent.glob("tmp*"))
+
+
+def test_a_tokenizer_without_chat_template_is_refused_unless_only_compared(
+    tiny_model_dir, tmp_path
+) -> None:
+    import json
+    import shutil
+
+    from mopd.errors import UnusableModelError
+
+    plain = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, plain)
+    config = plain / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "chat_template": None}))
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    with pytest.raises(UnusableModelError, match="has no chat template"):
+        load_tokenizer(str(plain))
+    assert load_tokenizer(str(plain), chat=False).pad_token is not None  # an external teacher

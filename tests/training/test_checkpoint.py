@@ -55,3 +55,12 @@ def test_clean_removes_temporary_and_incomplete_folders_only(tmp_path):
     assert set(removed) == {half_pruned, tmp}
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [good.name]
     assert clean_checkpoints(tmp_path / "no-such-run") == []
+
+
+def test_prune_keeps_the_newest_checkpoint_that_holds_a_model(tmp_path):
+    final = _fake(tmp_path, 3)  # a finished LoRA run: its last checkpoint holds student/
+    for step in (4, 5):  # then resumed: periodic checkpoints with the adapter alone
+        (_fake(tmp_path, step) / "student").rmdir()
+    _prune(tmp_path, keep_last=1)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == [final.name, "step-000005"]

@@ -30,7 +30,15 @@ def test_another_process_is_refused_and_a_dead_holder_frees_the_folder(tmp_path)
     other = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True)
     assert other.returncode == 3 and "in use by another training" in other.stdout
     held.release()
-    # A process that dies holding the lock (no release) leaves the folder usable.
-    died = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True)
-    assert died.returncode == 0, died.stdout + died.stderr
+    # A process killed while holding the lock (no release, no cleanup) frees the folder.
+    hold = (
+        "import os, sys, time; from pathlib import Path; from mopd.training.runlock import "
+        "RunLock\nlock = RunLock(Path(sys.argv[1])); print('held', flush=True); time.sleep(60)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(run)], stdout=subprocess.PIPE)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == b"held"
+    with pytest.raises(RunFolderError, match=f"process {holder.pid}"):
+        RunLock(run)
+    holder.kill()
+    holder.wait()
     RunLock(run).release()

@@ -228,3 +228,20 @@ def test_progress_shows_each_evaluation_score_when_it_lands(tmp_path, tiny_model
     err = capsys.readouterr().err
     for step in (0, 1, 2):
         assert f"eval at step {step}: mean@2 " in err, err
+
+
+def test_a_fresh_run_in_a_folder_with_checkpoints_is_refused(tmp_path, tiny_model_dir):
+    cfg = _config(tmp_path, tiny_model_dir, "grpo")
+    Trainer(cfg).train()
+    with pytest.raises(RunFolderError, match="holds checkpoints of an earlier training"):
+        Trainer(cfg)
+
+
+def test_a_failed_start_leaves_no_folder_and_no_lock(tmp_path, tiny_model_dir):
+    from mopd.errors import ModelNotFoundError
+
+    missing = _config(tmp_path, tmp_path / "no-such-model", "grpo")
+    with pytest.raises(ModelNotFoundError):
+        Trainer(missing)
+    assert not (tmp_path / "grpo").exists()
+    Trainer(_config(tmp_path, tiny_model_dir, "grpo"))  # same folder, same process: free

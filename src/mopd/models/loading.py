@@ -412,8 +412,13 @@ def _hub_hint(name: str, path: str) -> Iterator[None]:
         ) from err
 
 
-def load_tokenizer(name: str, cache_dir: str | Path | None = None) -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    name: str, cache_dir: str | Path | None = None, *, chat: bool = True
+) -> PreTrainedTokenizerBase:
     """Load the tokenizer of model `name`, with a pad token (eos when it has none).
+
+    `chat`: refuse a tokenizer without a chat template (prompts are chat turns); False
+    for one only compared with another (an external teacher's).
 
     For a packaged model that is not converted yet, the tokenizer is read straight from
     the GGUF file, which needs no weights and no conversion. The vocabulary is never
@@ -432,7 +437,7 @@ def load_tokenizer(name: str, cache_dir: str | Path | None = None) -> PreTrained
         path = resolve_model_path(name, cache_dir)
         with _hub_hint(name, path):
             tokenizer = AutoTokenizer.from_pretrained(path)
-    if not getattr(tokenizer, "chat_template", None):  # prompts are chat turns throughout
+    if chat and not getattr(tokenizer, "chat_template", None):
         raise UnusableModelError(
             f"the tokenizer of {name!r} has no chat template: use an instruct/chat model "
             "(its tokenizer_config.json sets chat_template), e.g. packaged:smollm2-135m-instruct"

@@ -103,7 +103,7 @@ def build_teachers(
             assert cfg.external_model is not None
             cache = config.model.cache_dir
             external = load_model(cfg.external_model, dtype=config.model.dtype, cache_dir=cache)
-            external_tok = load_tokenizer(cfg.external_model, cache_dir=cache)
+            external_tok = load_tokenizer(cfg.external_model, cache_dir=cache, chat=False)
             check_same_vocabulary(tokenizer, external_tok, student, external)
         teacher = build_teacher(
             cfg.kind,

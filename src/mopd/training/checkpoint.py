@@ -138,7 +138,7 @@ def save_checkpoint(
     _usual_modes(tmp)
     (tmp / COMPLETE).write_text(str(state.step))
     if final.exists():  # re-saving the same step (e.g. final == periodic)
-        shutil.rmtree(final)
+        _remove(final)
     os.replace(tmp, final)
     pointer_tmp = run_dir / "checkpoints" / ".latest.tmp"
     pointer_tmp.write_text(final.name)
@@ -147,14 +147,21 @@ def save_checkpoint(
     return final
 
 
+def _read_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+_UMASK = _read_umask()  # once, at import: os.umask is process-wide and not thread-safe
+
+
 def _usual_modes(folder: Path) -> None:
     """Give every file the mode a plain open() would: the weights' writer uses a private
     temporary file (0600), which would keep a shared run's model from its other readers."""
-    umask = os.umask(0)
-    os.umask(umask)
     for path in folder.rglob("*"):
         if path.is_file():
-            path.chmod(0o666 & ~umask)
+            path.chmod(0o666 & ~_UMASK)
 
 
 def is_complete(ckpt: Path) -> bool:
@@ -168,9 +175,16 @@ def _remove(ckpt: Path) -> None:
 
 
 def _prune(run_dir: Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` complete checkpoints, and the newest one holding a
+    model (`student/`): a LoRA run's periodic checkpoints hold only the adapter, and the
+    model users load must not go before the next one is written."""
     done = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if is_complete(p))
-    for old in done[:-keep_last] if keep_last > 0 else []:
-        _remove(old)
+    keep = set(done[-keep_last:]) if keep_last > 0 else set(done)
+    with_model = [p for p in done if (p / "student").is_dir()]
+    keep.update(with_model[-1:])
+    for old in done:
+        if old not in keep:
+            _remove(old)
 
 
 def clean_checkpoints(run_dir: Path) -> list[Path]:

@@ -25,6 +25,7 @@ forwards and backwards in step.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import sys
 import time
@@ -70,7 +71,7 @@ from mopd.training.records import (
     append_records,
     rollout_records,
 )
-from mopd.training.runlock import RunLock
+from mopd.training.runlock import LOCK_FILE, RunLock
 from mopd.training.step import StepOutput, train_step
 from mopd.types import Problem
 
@@ -141,29 +142,49 @@ class Trainer:
         # Rank 0 decides (a timestamped name could differ between processes by a second).
         self.run_dir: Path = self.dist.broadcast(run_dir or self._new_run_dir())
         # Before any model loads: one writer per folder, then clear a killed save's leftovers.
+        created = not self.run_dir.exists()
         self._lock = RunLock(self.run_dir) if self.dist.is_main else None
+        try:
+            self.resume_from = self._checkpoint_to_resume(resume)
+            self.parts, self.state = build_run(
+                config,
+                self.task,
+                dist=self.dist,
+                device=self.device,
+                shards=shards,
+                resume_from=self.resume_from,
+            )
+        except BaseException:  # a failed start leaves the folder as it found it, unlocked
+            self._release()
+            if created and self.dist.is_main:
+                (self.run_dir / LOCK_FILE).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # only if nothing else was written
+                    self.run_dir.rmdir()
+            raise
+        self.dist = self.parts.dist  # with a lockstep when sharded
+        self._full_rollouts_capped = False
+
+    # ------------------------------------------------------------------ set-up
+    def _checkpoint_to_resume(self, resume: bool) -> Path | None:
+        """The checkpoint `--resume` continues from (None for a fresh run), after removing
+        a killed save's leftovers; refuses a fresh run in a folder that has checkpoints and
+        a resume without one."""
         if self.dist.is_main:
             clean_checkpoints(self.run_dir)
-        self.resume_from = self.dist.broadcast(latest_checkpoint(self.run_dir) if resume else None)
-        if resume and self.resume_from is None:
-            self._release()
+        latest = self.dist.broadcast(latest_checkpoint(self.run_dir))
+        if resume and latest is None:
             raise RunFolderError(
                 f"--resume {self.run_dir}: no complete checkpoint in it (the run stopped before "
                 f"its first save); start it over with: mopd train --config "
                 f"{self.run_dir / 'config.yaml'} logging.run_name=<new name>"
             )
-        self.parts, self.state = build_run(
-            config,
-            self.task,
-            dist=self.dist,
-            device=self.device,
-            shards=shards,
-            resume_from=self.resume_from,
-        )
-        self.dist = self.parts.dist  # with a lockstep when sharded
-        self._full_rollouts_capped = False
+        if not resume and latest is not None:
+            raise RunFolderError(
+                f"{self.run_dir} holds checkpoints of an earlier training: continue it with "
+                f"mopd train --resume {self.run_dir}, or give this one another logging.run_name"
+            )
+        return latest if resume else None
 
-    # ------------------------------------------------------------------ set-up
     def _new_run_dir(self) -> Path:
         cfg = self.config
         name = cfg.logging.run_name or (
