@@ -106,7 +106,11 @@ def test_two_processes_train_like_one_process_and_resume(tmp_path, tiny_model_di
     single = Trainer(
         load_config("demo", _overrides(tmp_path / "one", tiny_model_dir, "train.rollout_shards=2"))
     ).train()
-    printed = _torchrun(_overrides(tmp_path / "two", tiny_model_dir, "train.checkpoint_every=1"))
+    printed = _torchrun(
+        _overrides(
+            tmp_path / "two", tiny_model_dir, "train.checkpoint_every=1", "train.keep_checkpoints=2"
+        )
+    )
     run = tmp_path / "two" / "run"
 
     a, b = _weights(single.run_dir, 2), _weights(run, 2)
@@ -150,7 +154,12 @@ def test_fsdp_two_processes_train_like_one_process_and_resume(tmp_path, tiny_mod
         )
     ).train()
     overrides = _overrides(
-        tmp_path / "fsdp", tiny_model_dir, "train.checkpoint_every=1", "train.parallel=fsdp", *mixed
+        tmp_path / "fsdp",
+        tiny_model_dir,
+        "train.checkpoint_every=1",
+        "train.keep_checkpoints=2",
+        "train.parallel=fsdp",
+        *mixed,
     )
     _torchrun(overrides)
     run = tmp_path / "fsdp" / "run"
