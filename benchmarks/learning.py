@@ -87,9 +87,12 @@ METHODS: dict[str, tuple[list[str], str]] = {
         "grpo",
     ),
     "distill-failures": (["method=mopd", "loss.kind=distill-failures", LAYOUT], "mopd-2s1f"),
+    # signed-credit's weights without a teacher: does its per-token information matter?
+    "sign-scaled": (["method=grpo", "loss.kind=sign-scaled"], "signed-credit"),
 }
 SEARCHED = ("grpo", "mopd-2s1f", "signed-credit", "contrastive-credit")
-PEER_METHODS = tuple(m for m in METHODS if m != "grpo")  # candidates for the 5-seed rows
+CONTROLS = ("sign-scaled",)  # no teacher: 3 seeds, next to the best peer methods
+PEER_METHODS = tuple(m for m in METHODS if m not in ("grpo", *CONTROLS))  # 5-seed candidates
 LR_GRID = (5e-6, 2e-5, 8e-5)
 FEW_SEEDS, ALL_SEEDS = (0, 1, 2), (0, 1, 2, 3, 4)
 EVAL_K = 4
@@ -171,13 +174,14 @@ def _seed0_validation(setting: str, method: str) -> float:
 
 def plan(setting: str) -> list[Run]:
     """Every run of the benchmark that can be planned now, in execution order: the grid,
-    then seed 0 of every method; then seeds 1-2 of base, GRPO and the three peer methods
-    with the best seed-0 validation, then those of the others; then seeds 3-4. The order
+    then seed 0 of every method; then seeds 1-2 of base, GRPO, the three peer methods
+    with the best seed-0 validation and the controls, then those of the others; then
+    seeds 3-4. The order
     only decides what a partial benchmark holds first (the paired comparisons that
     matter); which runs exist is fixed by the protocol (`seeds_of`)."""
     runs = [Run(setting, m, lr, 0) for m in SEARCHED for lr in LR_GRID]
     ranked = sorted(PEER_METHODS, key=lambda m: -_seed0_validation(setting, m))
-    first = ("base", "grpo", *ranked[:3])
+    first = ("base", "grpo", *ranked[:3], *CONTROLS)
     phases = [
         ((0,), ("base", *METHODS)),
         ((1, 2), first),

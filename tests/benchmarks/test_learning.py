@@ -84,10 +84,11 @@ def test_seeds_of_the_best_seed0_methods_come_before_the_rest(learning):
         _write(learning, method, learning.LR_GRID[0], 0, seed0[method])
     order = [(r.method, r.seed) for r in learning.plan("add1") if r.seed in (1, 2)]
     best3 = list(learning.PEER_METHODS[::-1][:3])
-    first = [m for m, _ in order[: 2 * 5]]
-    assert set(first) == {"base", "grpo", *best3}
-    assert order[:5] == [(m, 1) for m in ("base", "grpo", *best3)]
-    rest = {m for m, _ in order[2 * 5 :]}
+    group = ("base", "grpo", *best3, *learning.CONTROLS)  # the controls: 3 seeds, early
+    first = [m for m, _ in order[: 2 * len(group)]]
+    assert set(first) == set(group)
+    assert order[: len(group)] == [(m, 1) for m in group]
+    rest = {m for m, _ in order[2 * len(group) :]}
     assert rest == set(learning.PEER_METHODS) - set(best3)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mopd.core.baselines import grpo_loss
-from mopd.core.credit import contrastive_credit, signed_teacher_credit
+from mopd.core.credit import contrastive_credit, sign_scaled_credit, signed_teacher_credit
 
 pytestmark = pytest.mark.unit
 
@@ -33,6 +33,18 @@ def test_signed_credit_inside_the_bound_is_the_exact_ratio():
         adv, torch.tensor([[math.log(0.55)]]), torch.tensor([[math.log(0.5)]])
     )
     torch.testing.assert_close(got, torch.tensor([[2.0 * 1.1]]))
+
+
+def test_sign_scaled_credit_is_signed_credit_at_its_bounds_on_every_token():
+    adv = torch.tensor([0.5, -0.25, 0.0])
+    got = sign_scaled_credit(adv, 3, clip=0.2)
+    expected = torch.tensor([[0.4] * 3, [-0.3] * 3, [0.0] * 3])
+    torch.testing.assert_close(got, expected)
+    # = signed-credit when the teacher is far less sure than the student of every token.
+    teacher, student = torch.full((3, 3), -5.0), torch.zeros(3, 3)
+    torch.testing.assert_close(signed_teacher_credit(adv, teacher, student, clip=0.2), got)
+    with pytest.raises(ValueError, match="clip"):
+        sign_scaled_credit(adv, 3, clip=1.0)
 
 
 def test_contrastive_credit_adds_a_bounded_bonus_and_keeps_the_sign():

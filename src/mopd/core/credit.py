@@ -62,6 +62,22 @@ def signed_teacher_credit(
         return adv_B1 * weight_BT
 
 
+def sign_scaled_credit(adv_B: Tensor, length: int, *, clip: float = 0.2) -> Tensor:
+    """``A (1 - clip)`` for A > 0 and ``A (1 + clip)`` for A < 0 on every token.  # (B, T)
+
+    The control of :func:`signed_teacher_credit` without a teacher: the weights it takes
+    where the teacher is less sure than the student of a token by more than the clip,
+    which is what the 135M teacher mostly is (mean gaps of -0.2 on successes, -0.6 on
+    failures; docs/benchmarks.md). If signed credit does no better than this control,
+    its teacher's per-token information did not matter.
+    """
+    if not 0 <= clip < 1:
+        raise ValueError(f"clip must be in [0, 1), got {clip!r}")
+    with torch.no_grad():
+        weight_B = torch.where(adv_B > 0, 1.0 - clip, 1.0 + clip).to(adv_B.dtype)
+        return (adv_B * weight_B).unsqueeze(-1).expand(-1, length).clone()
+
+
 def contrastive_credit(
     adv_B: Tensor,
     success_logp_BT: Tensor,

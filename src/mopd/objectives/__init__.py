@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from mopd.config import ConfigError
 from mopd.objectives.base import Objective, StepLog
 from mopd.objectives.batch import Row, Scorers, StepBatch, StudentForward, assemble_batch
-from mopd.objectives.credit import ContrastiveCredit, SignedCredit
+from mopd.objectives.credit import ContrastiveCredit, SignedCredit, SignScaled
 from mopd.objectives.distill import Distill, DistillFailures
 from mopd.objectives.dpo import Dpo
 from mopd.objectives.grpo import Grpo
@@ -28,6 +28,7 @@ REGISTRY: dict[str, type[Objective]] = {
     "distill": Distill,
     "distill-failures": DistillFailures,
     "signed-credit": SignedCredit,
+    "sign-scaled": SignScaled,
     "contrastive-credit": ContrastiveCredit,
     "grpo": Grpo,
     "grpo+distill": GrpoDistill,

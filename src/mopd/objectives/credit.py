@@ -6,7 +6,7 @@ denominator and PPO-clip surrogate, and replace the rollout's one advantage by p
 advantages from `core.credit` (the maths and why it is sign-safe). Teacher log-probs are
 read at the distillation temperature (`loss.temperature`, default the rollout's), the
 student's likewise; rows the teacher cannot score (no context, no contrast pair) keep the
-plain group advantage.
+plain group advantage. ``sign-scaled`` is signed-credit's control without a teacher.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from mopd.core.credit import contrastive_credit, signed_teacher_credit
+from mopd.core.credit import contrastive_credit, sign_scaled_credit, signed_teacher_credit
 from mopd.core.losses import token_logprobs
 from mopd.objectives.base import StepLog
 from mopd.objectives.batch import Row, Scorers, StudentForward, TeacherRequest
@@ -82,6 +82,20 @@ class SignedCredit(_CreditObjective):
             cut_BR = counted_BR & ((weight_BR - 1).abs() >= clip * (1 - 1e-4))
             log.add_ratio("credit/clipped_fraction", float(cut_BR.sum()), float(counted_BR.sum()))
         return adv_BR
+
+
+class SignScaled(_CreditObjective):
+    """``loss.kind=sign-scaled``: signed-credit's control without a teacher, GRPO with
+    ``A (1 - loss.credit_clip)`` on successes and ``A (1 + loss.credit_clip)`` on
+    failures (`core.credit.sign_scaled_credit`)."""
+
+    name = "sign-scaled"
+    needs_teacher = False
+
+    def token_advantages(self, forward: StudentForward, log: StepLog) -> Tensor:
+        adv_B = row_advantages(forward).to(forward.mask_BR.dtype)
+        width = forward.mask_BR.shape[1]
+        return sign_scaled_credit(adv_B, width, clip=self.config.loss.credit_clip)
 
 
 class ContrastiveCredit(_CreditObjective):
