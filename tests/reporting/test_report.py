@@ -288,3 +288,24 @@ def test_training_panels_show_length_truncation_and_every_loss_term() -> None:
     assert "Teacher context" not in panels  # no data: no empty panel
     widths = {line.key: line.width for p in _panels(rows) for line in p.lines}
     assert widths["rollout/reward_mean"] > widths["rollout/success_rate"]  # both visible
+
+
+def test_eval_png_shades_the_logged_intervals() -> None:
+    from io import BytesIO
+
+    from mopd.reporting.report import _eval_png
+
+    rows = [{"step": s, "eval/mean@4": 0.5 + 0.1 * s, "eval/pass@4": 0.9} for s in (0, 5, 10)]
+    banded = [
+        {**r, "eval/ci_low/mean@4": r["eval/mean@4"] - 0.2, "eval/ci_high/mean@4": 0.95}
+        for r in rows
+    ]
+    plain_png, banded_png = _eval_png(rows, "t"), _eval_png(banded, "t")
+    assert plain_png is not None and banded_png is not None
+    plain = imread(BytesIO(plain_png))[..., :3]
+    shaded = imread(BytesIO(banded_png))[..., :3]
+    assert plain.shape == shaded.shape
+    # The band tints pixels that are plain white without it.
+    white = (plain > 0.99).all(axis=-1)
+    tinted = white & (shaded < 0.97).any(axis=-1)
+    assert tinted.sum() > 500
