@@ -256,6 +256,7 @@ TRAIN_METRICS = (
     "gap/failure",
     "grpo/clip_fraction",
     "credit/weight_mean",
+    "credit/clipped_fraction",
     "optim/skipped",
 )
 
