@@ -27,8 +27,10 @@ from mopd.training.checkpoint import TrainerState, save_checkpoint
 
 
 def _size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else (
-        path.stat().st_size
+    return (
+        sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        if path.is_dir()
+        else (path.stat().st_size)
     )
 
 

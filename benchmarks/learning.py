@@ -30,6 +30,7 @@ of base, GRPO and the peer methods with the best seed-0 validation, then the res
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -60,7 +61,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
 N_VALIDATION, N_TEST = 20, 40
 
 # The matched budget: identical for every method (twice round 1's 8 steps x 2 prompts).
-COMMON = {
+COMMON: dict[str, dict[str, Any]] = {
     "model": {"name": MODEL},
     "rollout": {"n": 8, "temperature": 0.7, "max_new_tokens": 32},
     "train": {"steps": 16, "prompts_per_step": 2, "micro_batch_size": 16, "checkpoint_every": 4},
@@ -315,6 +316,23 @@ def _test_eval(run: Run, model: str) -> tuple[float, dict[str, Any]]:
     return time.time() - t0, {**result["overall"], "response_tokens_mean": tokens}
 
 
+def _claim(run: Run) -> tuple[Run, Any] | None:
+    """An exclusive lock on `run` for this driver, or None if another driver holds it:
+    several drivers of one setting then share its runs (one per core)."""
+    path = run.run_dir.parent / f".{run.name}.claim"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = path.open("w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    if run.record.exists():  # finished by another driver since the plan was read
+        handle.close()
+        return None
+    return run, handle
+
+
 def execute(run: Run) -> None:
     record: dict[str, Any] = {"setting": run.setting, "method": run.method, "lr": run.lr}
     record["seed"] = run.seed
@@ -556,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
             "--seeds",
             type=lambda text: {int(x) for x in text.split(",")},
             default=None,
-            help="only runs of these seeds, e.g. 2 (two drivers can share a machine)",
+            help="only runs of these seeds, e.g. 2",
         )
         p.add_argument(
             "--methods",
@@ -579,14 +597,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.methods is not None:
             todo = [r for r in todo if r.method in args.methods]
         if args.command == "status":
-            print(f"{len(todo)} runs to do (more are planned once the lr search ends):")
+            print(
+                f"{len(todo)} runs to do now (seeds 3-4 of the two best peer methods are planned once seeds 0-2 of every method are recorded):"
+            )
             print("\n".join(f"  {r.name}" for r in todo))
             return 0
-        if not todo or (args.max_runs is not None and done >= args.max_runs):
+        if args.max_runs is not None and done >= args.max_runs:
             return 0
-        run = todo[0]
+        claimed = next((c for c in map(_claim, todo) if c is not None), None)
+        if claimed is None:  # nothing left, or every remaining run has its driver
+            return 0
+        run, claim = claimed
         print(f"[{time.strftime('%H:%M:%S')}] {args.setting}/{run.name}", flush=True)
-        execute(run)
+        with claim:
+            execute(run)
         done += 1
 
 

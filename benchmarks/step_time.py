@@ -35,19 +35,31 @@ OURS = {
 }  # variant -> our method preset
 
 
+def task_overrides(s: Setting) -> list[str]:
+    if s.task == "humaneval":
+        return ["task.name=code", "task.options={source: humaneval, n_eval: 40}"]
+    if s.task != "arithmetic":
+        raise SystemExit(f"--task must be arithmetic or humaneval, got {s.task!r}")
+    return [
+        "task.name=arithmetic",
+        f"task.options={{digits: {s.digits}, terms: {s.terms}, n_train: 60, n_eval: 8}}",
+    ]
+
+
 def our_overrides(method: str, s: Setting) -> list[str]:
     return [
         f"method={method}",
         f"model.name={s.model}",
         f"model.device={s.device}",
+        f"model.dtype={s.dtype}",
+        f"model.lora.r={s.lora}",
         f"model.gradient_checkpointing={bool(s.grad_ckpt)}",
-        "task.name=arithmetic",
-        f"task.options={{digits: {s.digits}, terms: {s.terms}, n_train: 60, n_eval: 8}}",
+        *task_overrides(s),
         f"rollout.n={s.n}",
         f"rollout.temperature={s.temperature}",
         f"rollout.max_new_tokens={s.max_new_tokens}",
         f"train.prompts_per_step={s.prompts}",
-        f"train.micro_batch_size={s.prompts * s.n}",
+        f"train.micro_batch_size={s.micro_batch or s.prompts * s.n}",
         f"train.threads={s.threads}",
         f"train.seed={s.seed}",
         f"loss.topk={s.topk}",

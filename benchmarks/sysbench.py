@@ -46,6 +46,10 @@ class Setting:
     steps: int = 3  # timed steps
     digits: int = 1  # one-digit addition: mixed success/failure groups
     terms: int = 2
+    task: str = "arithmetic"  # or "humaneval": the code task on HumanEval's problems
+    dtype: str = "float32"  # weights' dtype (model.dtype)
+    lora: int = 0  # LoRA rank; 0 trains every weight
+    micro_batch: int = 0  # rollouts per forward/backward; 0: all of the step's
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         for f in fields(self):

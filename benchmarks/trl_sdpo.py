@@ -41,6 +41,8 @@ def main() -> None:
     from mopd.tasks.arithmetic import ArithmeticTask
     from mopd.training.trainer import training_problems
 
+    if (s.task, s.dtype, s.lora, s.micro_batch) != ("arithmetic", "float32", 0, 0):
+        raise SystemExit("the TRL worker runs the fp32 full-weight arithmetic setting only")
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(s.model)
     model = load_model(s.model, dtype="float32")

@@ -133,3 +133,18 @@ def test_mean_ci_is_a_t_interval_over_seeds(learning):
     assert mean == pytest.approx(0.6)
     assert half == pytest.approx(4.303 * 0.1 / math.sqrt(3))
     assert math.isnan(learning.mean_ci([0.4])[1])
+
+
+def test_a_run_is_claimed_by_one_driver_and_never_after_its_record(learning, monkeypatch, tmp_path):
+    monkeypatch.setattr(learning, "RUNS", tmp_path / "runs")
+    run = learning.Run("add1", "grpo", 2e-5, 3)
+    first = learning._claim(run)
+    assert first is not None and first[0] == run
+    assert learning._claim(run) is None  # another driver holds it
+    first[1].close()
+    second = learning._claim(run)
+    assert second is not None
+    second[1].close()
+    run.record.parent.mkdir(parents=True, exist_ok=True)
+    run.record.write_text("{}")
+    assert learning._claim(run) is None  # finished meanwhile
