@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mopd.tasks.arithmetic import ArithmeticTask
+from mopd.tasks.code import CodeTask
 from mopd.types import Problem, Verdict
 
 SPLITS = ("validation", "test")
@@ -45,14 +46,34 @@ class HeldOutSplit:
     def verify(self, problem: Problem, response: str) -> Verdict:
         return self.task.verify(problem, response)
 
+    def __getattr__(self, name: str) -> Any:
+        """The rest of the task's interface (batched verification, sandbox limits)."""
+        if name == "task":  # not set yet (copying, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.task, name)
+
+
+def _check(split: str, n_validation: int, n_test: int) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if n_validation < 1 or n_test < 1:
+        raise ValueError(f"n_validation and n_test must be >= 1, got {n_validation}, {n_test}")
+
 
 def make_arithmetic(
     split: str = "validation", n_validation: int = 20, n_test: int = 40, **options: Any
 ) -> HeldOutSplit:
     """Arithmetic with `n_validation + n_test` held-out problems; `options` as ArithmeticTask."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if n_validation < 1 or n_test < 1:
-        raise ValueError(f"n_validation and n_test must be >= 1, got {n_validation}, {n_test}")
+    _check(split, n_validation, n_test)
     task = ArithmeticTask(n_eval=n_validation + n_test, **options)
+    return HeldOutSplit(task, split, n_validation)
+
+
+def make_humaneval(
+    split: str = "validation", n_validation: int = 20, n_test: int = 40, **options: Any
+) -> HeldOutSplit:
+    """HumanEval's 164 problems (the code task, tests run in the sandbox) with
+    `n_validation + n_test` held out; `options` as CodeTask."""
+    _check(split, n_validation, n_test)
+    task = CodeTask(source="humaneval", n_eval=n_validation + n_test, **options)
     return HeldOutSplit(task, split, n_validation)

@@ -14,7 +14,7 @@ made it in git history.
 
 The benchmark is a list of runs, each a `mopd train` followed by a `mopd eval` of its
 final checkpoint on the test split, in its own process. A finished run leaves a small
-record in `benchmarks/results/learning/<setting>/<run>.json` (kept in git); anything
+record in `benchmarks/results/<round folder>/<setting>/<run>.json` (kept in git); anything
 without a record is (re)started, from its last checkpoint when there is one. So it can be
 stopped at any time and continued later, in as many parts as needed:
 
@@ -45,64 +45,127 @@ from typing import Any
 import yaml
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results" / "learning-r2"
-RUNS = HERE / "runs" / "learning-r2"  # checkpoints while a run is in progress (not in git)
-MODEL = "packaged:smollm2-135m-instruct"
-
-# Task settings. Options go to bench_tasks.make_arithmetic (an ArithmeticTask with a
-# validation and a test split).
-SETTINGS: dict[str, dict[str, Any]] = {
-    # One-digit addition: the student solves about half; 2S contexts rank rollouts better
-    # than the plain question (teacher-signal table in docs/benchmarks.md).
-    "add1": {"digits": 1, "terms": 2, "operators": "+", "n_train": 40},
-    # Two-digit addition: successes are rare (about 10% of rollouts, docs/benchmarks.md).
-    "add2": {"digits": 2, "terms": 2, "operators": "+", "n_train": 200},
-}
+RESULTS = HERE / "results"  # records: <round folder>/<setting>/<run>.json (kept in git)
+RUNS = HERE / "runs"  # checkpoints while a run is in progress (not in git)
 N_VALIDATION, N_TEST = 20, 40
-
-# The matched budget: identical for every method (twice round 1's 8 steps x 2 prompts).
-COMMON: dict[str, dict[str, Any]] = {
-    "model": {"name": MODEL},
-    "rollout": {"n": 8, "temperature": 0.7, "max_new_tokens": 32},
-    "train": {"steps": 16, "prompts_per_step": 2, "micro_batch_size": 16, "checkpoint_every": 4},
-    "optim": {"warmup_steps": 2},
-    "eval": {"every": 8, "k": 4, "temperature": 0.6, "top_p": 0.95},
-    "logging": {"progress": False},
-}
-# The teacher layout of the new peer-conditioned methods, chosen from the teacher-signal
-# diagnostics (docs/benchmarks.md); MOPD-2S1F and its control keep the paper's.
-LAYOUT = "teacher.layout=multi-turn"
-# name -> (overrides, learning-rate family): a family's seed-0 grid picks its rate.
-METHODS: dict[str, tuple[list[str], str]] = {
-    "grpo": (["method=grpo"], "grpo"),
-    "mopd-2s1f": (["method=mopd"], "mopd-2s1f"),
-    "random_peer": (["method=mopd", "peers.control=random_peer"], "mopd-2s1f"),
-    "signed-credit": (["method=mopd", "loss.kind=signed-credit", LAYOUT], "signed-credit"),
-    "contrastive-credit": (
-        ["method=mopd", "loss.kind=contrastive-credit", LAYOUT],
-        "contrastive-credit",
-    ),
-    # GRPO-dominant (the SDPO paper's small-model recipe): shares GRPO's rate.
-    "grpo+distill0.1": (
-        ["method=mopd", "loss.kind=grpo+distill", "loss.grpo_mix=0.1", LAYOUT],
-        "grpo",
-    ),
-    "distill-failures": (["method=mopd", "loss.kind=distill-failures", LAYOUT], "mopd-2s1f"),
-    # signed-credit's weights without a teacher: does its per-token information matter?
-    "sign-scaled": (["method=grpo", "loss.kind=sign-scaled"], "signed-credit"),
-}
-SEARCHED = ("grpo", "mopd-2s1f", "signed-credit", "contrastive-credit")
-CONTROLS = ("sign-scaled",)  # no teacher: 3 seeds, next to the best peer methods
-PEER_METHODS = tuple(m for m in METHODS if m not in ("grpo", *CONTROLS))  # 5-seed candidates
-LR_GRID = (5e-6, 2e-5, 8e-5)
 FEW_SEEDS, ALL_SEEDS = (0, 1, 2), (0, 1, 2, 3, 4)
 EVAL_K = 4
 
 
 @dataclass(frozen=True)
+class Round:
+    """One benchmark: a model, a matched budget, task settings and the compared methods.
+
+    settings: name -> (task factory in bench_tasks, its options, recipe sections that
+        differ from `common` in this setting, merged key by key).
+    common: the recipe every method shares (the matched budget).
+    methods: name -> (overrides, learning-rate family); a family's seed-0 grid picks its rate.
+    searched: the families whose grid runs; controls: 3 seeds, run next to the best.
+    seeds: of base, GRPO and the `best` peer methods (by validation); FEW_SEEDS for the rest.
+    """
+
+    folder: str
+    model: str
+    settings: dict[str, tuple[str, dict[str, Any], dict[str, dict[str, Any]]]]
+    common: dict[str, dict[str, Any]]
+    methods: dict[str, tuple[list[str], str]]
+    searched: tuple[str, ...]
+    controls: tuple[str, ...]
+    lr_grid: tuple[float, ...]
+    best: int = 2
+    seeds: tuple[int, ...] = ALL_SEEDS
+    eval_overrides: tuple[str, ...] = ()  # `mopd eval` options of the test evaluation
+
+    @property
+    def peer_methods(self) -> tuple[str, ...]:
+        """The peer-conditioned methods: candidates for all seeds."""
+        return tuple(m for m in self.methods if m not in ("grpo", *self.controls))
+
+
+# The teacher layout of the new peer-conditioned methods, chosen from the teacher-signal
+# diagnostics (docs/benchmarks.md); MOPD-2S1F and its control keep the paper's.
+LAYOUT = "teacher.layout=multi-turn"
+SMOLLM = "packaged:smollm2-135m-instruct"
+QWEN = "packaged:qwen2.5-coder-1.5b-instruct"
+
+R2 = Round(
+    folder="learning-r2",
+    model=SMOLLM,
+    settings={
+        # One-digit addition: the student solves about half; 2S contexts rank rollouts
+        # better than the plain question (teacher-signal table in docs/benchmarks.md).
+        "add1": (
+            "bench_tasks:make_arithmetic",
+            {"digits": 1, "terms": 2, "operators": "+", "n_train": 40},
+            {},
+        ),
+        # Two-digit addition: successes are rare (about 10% of rollouts, docs/benchmarks.md).
+        "add2": (
+            "bench_tasks:make_arithmetic",
+            {"digits": 2, "terms": 2, "operators": "+", "n_train": 200},
+            {},
+        ),
+    },
+    # The matched budget: identical for every method (twice round 1's 8 steps x 2 prompts).
+    common={
+        "model": {"name": SMOLLM},
+        "rollout": {"n": 8, "temperature": 0.7, "max_new_tokens": 32},
+        "train": {
+            "steps": 16,
+            "prompts_per_step": 2,
+            "micro_batch_size": 16,
+            "checkpoint_every": 4,
+        },
+        "optim": {"warmup_steps": 2},
+        "eval": {"every": 8, "k": 4, "temperature": 0.6, "top_p": 0.95},
+        "logging": {"progress": False},
+    },
+    methods={
+        "grpo": (["method=grpo"], "grpo"),
+        "mopd-2s1f": (["method=mopd"], "mopd-2s1f"),
+        "random_peer": (["method=mopd", "peers.control=random_peer"], "mopd-2s1f"),
+        "signed-credit": (["method=mopd", "loss.kind=signed-credit", LAYOUT], "signed-credit"),
+        "contrastive-credit": (
+            ["method=mopd", "loss.kind=contrastive-credit", LAYOUT],
+            "contrastive-credit",
+        ),
+        # GRPO-dominant (the SDPO paper's small-model recipe): shares GRPO's rate.
+        "grpo+distill0.1": (
+            ["method=mopd", "loss.kind=grpo+distill", "loss.grpo_mix=0.1", LAYOUT],
+            "grpo",
+        ),
+        "distill-failures": (
+            ["method=mopd", "loss.kind=distill-failures", LAYOUT],
+            "mopd-2s1f",
+        ),
+        # signed-credit's weights without a teacher: does its per-token information matter?
+        "sign-scaled": (["method=grpo", "loss.kind=sign-scaled"], "signed-credit"),
+    },
+    searched=("grpo", "mopd-2s1f", "signed-credit", "contrastive-credit"),
+    controls=("sign-scaled",),
+    lr_grid=(5e-6, 2e-5, 8e-5),
+)
+ROUNDS = {"r2": R2}
+SETTINGS: dict[str, Round] = {name: r for r in ROUNDS.values() for name in r.settings}
+
+
+def round_of(setting: str) -> Round:
+    return SETTINGS[setting]
+
+
+def recipe_of(setting: str) -> dict[str, dict[str, Any]]:
+    """The round's common recipe with the setting's own sections merged in."""
+    r = round_of(setting)
+    recipe = {section: dict(values) for section, values in r.common.items()}
+    for section, values in r.settings[setting][2].items():
+        recipe[section] = {**recipe.get(section, {}), **values}
+    return recipe
+
+
+@dataclass(frozen=True)
 class Run:
     setting: str
-    method: str  # a METHODS key, or "base" (no training: test evaluation only)
+    method: str  # a key of its round's methods, or "base" (no training: test evaluation only)
     lr: float
     seed: int
 
@@ -112,32 +175,33 @@ class Run:
 
     @property
     def record(self) -> Path:
-        return RESULTS / self.setting / f"{self.name}.json"
+        return RESULTS / round_of(self.setting).folder / self.setting / f"{self.name}.json"
 
     @property
     def run_dir(self) -> Path:
-        return RUNS / self.setting / self.name
+        return RUNS / round_of(self.setting).folder / self.setting / self.name
 
 
 # ------------------------------------------------------------------ planning
 
 
 def _records(setting: str) -> dict[str, dict[str, Any]]:
-    folder = RESULTS / setting
+    folder = RESULTS / round_of(setting).folder / setting
     return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
 
 
 def chosen_lr(setting: str, method: str) -> float | None:
     """Best final validation mean@k of the family's seed-0 grid; None until it is complete."""
     records = _records(setting)
-    searched = METHODS[method][1]
+    grid = round_of(setting).lr_grid
+    searched = round_of(setting).methods[method][1]
     scores = {}
-    for lr in LR_GRID:
+    for lr in grid:
         rec = records.get(Run(setting, searched, lr, 0).name)
         if rec is None:
             return None
         scores[lr] = rec["validation"][-1][f"mean@{EVAL_K}"]
-    return max(LR_GRID, key=lambda lr: (scores[lr], -lr))  # ties: the smaller step
+    return max(grid, key=lambda lr: (scores[lr], -lr))  # ties: the smaller step
 
 
 def _final_validation(setting: str, method: str, seeds: tuple[int, ...]) -> float | None:
@@ -150,20 +214,22 @@ def _final_validation(setting: str, method: str, seeds: tuple[int, ...]) -> floa
     return sum(records[n]["validation"][-1][f"mean@{EVAL_K}"] for n in names) / len(names)
 
 
-def best_peer_methods(setting: str, count: int = 2) -> list[str] | None:
-    """The `count` peer-conditioned methods with the best validation score over seeds 0-2
+def best_peer_methods(setting: str) -> list[str] | None:
+    """The round's `best` peer-conditioned methods with the best validation score over seeds 0-2
     (validation, not test: the choice of who gets more seeds must not peek at the test)."""
-    scores = {m: _final_validation(setting, m, FEW_SEEDS) for m in PEER_METHODS}
+    peers = round_of(setting).peer_methods
+    scores = {m: _final_validation(setting, m, FEW_SEEDS) for m in peers}
     if any(v is None for v in scores.values()):
         return None
-    return sorted(PEER_METHODS, key=lambda m: -scores[m])[:count]  # type: ignore[operator]
+    return sorted(peers, key=lambda m: -scores[m])[: round_of(setting).best]  # type: ignore[operator]
 
 
 def seeds_of(setting: str, method: str) -> tuple[int, ...]:
-    """5 seeds for base, GRPO and the two best peer methods (once known), else 3."""
+    """The round's seeds for base, GRPO and the best peer methods (once known), else 3."""
+    seeds = round_of(setting).seeds
     if method in ("base", "grpo") or method in (best_peer_methods(setting) or []):
-        return ALL_SEEDS
-    return FEW_SEEDS
+        return seeds
+    return tuple(s for s in FEW_SEEDS if s in seeds)
 
 
 def _seed0_validation(setting: str, method: str) -> float:
@@ -180,14 +246,15 @@ def plan(setting: str) -> list[Run]:
     seeds 3-4. The order
     only decides what a partial benchmark holds first (the paired comparisons that
     matter); which runs exist is fixed by the protocol (`seeds_of`)."""
-    runs = [Run(setting, m, lr, 0) for m in SEARCHED for lr in LR_GRID]
-    ranked = sorted(PEER_METHODS, key=lambda m: -_seed0_validation(setting, m))
-    first = ("base", "grpo", *ranked[:3], *CONTROLS)
+    r = round_of(setting)
+    runs = [Run(setting, m, lr, 0) for m in r.searched for lr in r.lr_grid]
+    ranked = sorted(r.peer_methods, key=lambda m: -_seed0_validation(setting, m))
+    first = ("base", "grpo", *ranked[:3], *r.controls)
     phases = [
-        ((0,), ("base", *METHODS)),
+        ((0,), ("base", *r.methods)),
         ((1, 2), first),
         ((1, 2), ranked[3:]),
-        ((3, 4), ("base", *METHODS)),
+        ((3, 4), ("base", *r.methods)),
     ]
     for seeds, methods in phases:
         for seed in seeds:
@@ -212,19 +279,21 @@ def _mopd(*args: str) -> None:
 
 
 def _recipe(setting: str) -> Path:
+    r = round_of(setting)
+    factory, options, _ = r.settings[setting]
     recipe = {
-        **COMMON,
+        **recipe_of(setting),
         "task": {
-            "name": "bench_tasks:make_arithmetic",
+            "name": factory,
             "options": {
-                **SETTINGS[setting],
+                **options,
                 "split": "validation",
                 "n_validation": N_VALIDATION,
                 "n_test": N_TEST,
             },
         },
     }
-    path = RUNS / setting / "recipe.yaml"
+    path = RUNS / r.folder / setting / "recipe.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
@@ -274,7 +343,7 @@ def _train(run: Run) -> tuple[float, list[dict[str, float]], dict[str, float]]:
             "train",
             "--config",
             str(_recipe(run.setting)),
-            *METHODS[run.method][0],
+            *round_of(run.setting).methods[run.method][0],
             f"optim.lr={run.lr}",
             f"train.seed={run.seed}",
             f"logging.output_dir={run.run_dir.parent}",
@@ -293,17 +362,20 @@ def _train(run: Run) -> tuple[float, list[dict[str, float]], dict[str, float]]:
 def _test_eval(run: Run, model: str) -> tuple[float, dict[str, Any]]:
     t0 = time.time()
     out = run.run_dir / "test_eval.json"
-    options = {**SETTINGS[run.setting], "n_validation": N_VALIDATION, "n_test": N_TEST}
+    r = round_of(run.setting)
+    factory, task_options, _ = r.settings[run.setting]
+    options = {**task_options, "n_validation": N_VALIDATION, "n_test": N_TEST}
     _mopd(
         "eval",
         "--model",
         model,
         "--task",
-        "bench_tasks:make_arithmetic",
+        factory,
+        *r.eval_overrides,
         "--k",
         str(EVAL_K),
         "--max-new-tokens",
-        str(COMMON["rollout"]["max_new_tokens"]),
+        str(recipe_of(run.setting)["rollout"]["max_new_tokens"]),
         "--seed",
         str(run.seed),
         "--output",
@@ -338,7 +410,7 @@ def execute(run: Run) -> None:
     record["seed"] = run.seed
     if run.method == "base":
         run.run_dir.mkdir(parents=True, exist_ok=True)
-        model, record["train_wall_s"], record["validation"] = MODEL, 0.0, []
+        model, record["train_wall_s"], record["validation"] = round_of(run.setting).model, 0.0, []
     else:
         trained = run.run_dir / "trained.json"  # a retry after a failed test eval skips training
         if not trained.exists():
@@ -425,15 +497,15 @@ def _mean_of(values: list[float | None]) -> str:
 
 
 def summarize(setting: str) -> dict[str, Any]:
-    records = _records(setting)
+    records, r = _records(setting), round_of(setting)
     search = [
         {"method": m, "lr": lr, "validation": records[Run(setting, m, lr, 0).name]["validation"]}
-        for m in SEARCHED
-        for lr in LR_GRID
+        for m in r.searched
+        for lr in r.lr_grid
         if Run(setting, m, lr, 0).name in records
     ]
     rows = []
-    for method in ("base", *METHODS):
+    for method in ("base", *r.methods):
         lr = 0.0 if method == "base" else chosen_lr(setting, method)
         if lr is None:
             continue
@@ -543,23 +615,27 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
 
 
 def report() -> None:
-    parts = []
-    for setting in SETTINGS:
-        if not (RESULTS / setting).exists():
-            continue
-        summary = summarize(setting)
-        (RESULTS / f"{setting}.summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-        _plot(summary, RESULTS / f"{setting}.png")
-        parts.append(_markdown(summary))
-    (RESULTS / "learning.md").write_text("\n".join(parts))
-    print("\n".join(parts))
+    """Per round: `<setting>.summary.json`, `<setting>.png` and `learning.md` (all settings)."""
+    for r in ROUNDS.values():
+        folder, parts = RESULTS / r.folder, []
+        for setting in r.settings:
+            if not (folder / setting).exists():
+                continue
+            summary = summarize(setting)
+            (folder / f"{setting}.summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+            _plot(summary, folder / f"{setting}.png")
+            parts.append(_markdown(summary))
+        if parts:
+            (folder / "learning.md").write_text("\n".join(parts))
+            print("\n".join(parts))
 
 
 def _method_set(text: str) -> set[str]:
     names = set(text.split(","))
-    unknown = names - {"base", *METHODS}
+    methods = {m for r in ROUNDS.values() for m in r.methods}
+    unknown = names - {"base", *methods}
     if unknown:
-        known = ", ".join(["base", *METHODS])
+        known = ", ".join(["base", *sorted(methods)])
         raise argparse.ArgumentTypeError(f"unknown method(s) {sorted(unknown)}; known: {known}")
     return names
 

