@@ -48,7 +48,7 @@ class HeldOutSplit:
 
     def __getattr__(self, name: str) -> Any:
         """The rest of the task's interface (batched verification, sandbox limits)."""
-        if name == "task":  # not set yet (copying, unpickling): no recursion
+        if name == "task" or name.startswith("__"):  # copy/pickle hooks are the wrapper's
             raise AttributeError(name)
         return getattr(self.task, name)
 

@@ -74,7 +74,25 @@ class Round:
     lr_grid: tuple[float, ...]
     best: int = 2
     seeds: tuple[int, ...] = ALL_SEEDS
-    eval_overrides: tuple[str, ...] = ()  # `mopd eval` options of the test evaluation
+
+    def __post_init__(self) -> None:
+        problems = []
+        if "grpo" not in self.methods:
+            problems.append("no 'grpo' method to pair with")
+        if not set(self.searched) | set(self.controls) <= set(self.methods):
+            problems.append("searched and controls must be methods")
+        families = {family for _, family in self.methods.values()}
+        if not families <= set(self.searched):
+            problems.append(f"families without a grid: {sorted(families - set(self.searched))}")
+        recipes = [self.common, *(s[2] for s in self.settings.values())]
+        if any("task" in r or "name" in r.get("model", {}) for r in recipes):
+            problems.append("recipe sections may not set the task or the model's name")
+        if self.common.get("eval", {}).get("k", EVAL_K) != EVAL_K:
+            problems.append(f"eval.k must be {EVAL_K} (records are read as mean@{EVAL_K})")
+        if not set(FEW_SEEDS) <= set(self.seeds):
+            problems.append(f"seeds must include {FEW_SEEDS}")
+        if problems:
+            raise ValueError(f"round {self.folder}: " + "; ".join(problems))
 
     @property
     def peer_methods(self) -> tuple[str, ...]:
@@ -108,7 +126,6 @@ R2 = Round(
     },
     # The matched budget: identical for every method (twice round 1's 8 steps x 2 prompts).
     common={
-        "model": {"name": SMOLLM},
         "rollout": {"n": 8, "temperature": 0.7, "max_new_tokens": 32},
         "train": {
             "steps": 16,
@@ -147,6 +164,8 @@ R2 = Round(
 )
 ROUNDS = {"r2": R2}
 SETTINGS: dict[str, Round] = {name: r for r in ROUNDS.values() for name in r.settings}
+assert len(SETTINGS) == sum(len(r.settings) for r in ROUNDS.values()), "setting names repeat"
+assert len({r.folder for r in ROUNDS.values()}) == len(ROUNDS), "round folders repeat"
 
 
 def round_of(setting: str) -> Round:
@@ -156,8 +175,8 @@ def round_of(setting: str) -> Round:
 def recipe_of(setting: str) -> dict[str, dict[str, Any]]:
     """The round's common recipe with the setting's own sections merged in."""
     r = round_of(setting)
-    recipe = {section: dict(values) for section, values in r.common.items()}
-    for section, values in r.settings[setting][2].items():
+    recipe: dict[str, dict[str, Any]] = {"model": {"name": r.model}}
+    for section, values in [*r.common.items(), *r.settings[setting][2].items()]:
         recipe[section] = {**recipe.get(section, {}), **values}
     return recipe
 
@@ -254,7 +273,7 @@ def plan(setting: str) -> list[Run]:
         ((0,), ("base", *r.methods)),
         ((1, 2), first),
         ((1, 2), ranked[3:]),
-        ((3, 4), ("base", *r.methods)),
+        (tuple(s for s in r.seeds if s not in FEW_SEEDS), ("base", *r.methods)),
     ]
     for seeds, methods in phases:
         for seed in seeds:
@@ -362,30 +381,53 @@ def _train(run: Run) -> tuple[float, list[dict[str, float]], dict[str, float]]:
 def _test_eval(run: Run, model: str) -> tuple[float, dict[str, Any]]:
     t0 = time.time()
     out = run.run_dir / "test_eval.json"
-    r = round_of(run.setting)
-    factory, task_options, _ = r.settings[run.setting]
-    options = {**task_options, "n_validation": N_VALIDATION, "n_test": N_TEST}
     _mopd(
         "eval",
         "--model",
         model,
-        "--task",
-        factory,
-        *r.eval_overrides,
-        "--k",
-        str(EVAL_K),
-        "--max-new-tokens",
-        str(recipe_of(run.setting)["rollout"]["max_new_tokens"]),
+        *_test_eval_args(run.setting),
         "--seed",
         str(run.seed),
         "--output",
         str(out),
-        "split=test",
-        *(f"{k}={v}" for k, v in options.items()),
+        *_test_task_options(run.setting),
     )
     result = json.loads(out.read_text())["results"][0]
     tokens = result["metrics"]["eval/response_tokens_mean"]
     return time.time() - t0, {**result["overall"], "response_tokens_mean": tokens}
+
+
+def _test_eval_args(setting: str) -> list[str]:
+    """`mopd eval` sampling of the test split: exactly the validation's (the recipe's eval
+    settings as the trainer resolves them, library defaults included)."""
+    from mopd.config import load_config
+
+    cfg = load_config(_recipe(setting))
+    return [
+        "--task",
+        round_of(setting).settings[setting][0],
+        "--k",
+        str(cfg.eval.k),
+        "--temperature",
+        str(cfg.eval.temperature),
+        "--top-p",
+        str(cfg.eval.top_p),
+        "--max-new-tokens",
+        str(cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens),
+        "--dtype",
+        cfg.model.dtype,
+        "--batch-size",
+        str(cfg.rollout.batch_size),
+    ]
+
+
+def _test_task_options(setting: str) -> list[str]:
+    options = {
+        **round_of(setting).settings[setting][1],
+        "n_validation": N_VALIDATION,
+        "n_test": N_TEST,
+    }
+    return ["split=test", *(f"{k}={v}" for k, v in options.items())]
 
 
 def _claim(run: Run) -> tuple[Run, Any] | None:
@@ -480,7 +522,7 @@ def paired_difference(setting: str, method: str, name: str) -> dict[str, Any] | 
     if lr is None or lr_grpo is None:
         return None
     diffs, seeds = [], []
-    for seed in ALL_SEEDS:
+    for seed in round_of(setting).seeds:
         mine, grpo = Run(setting, method, lr, seed).name, Run(setting, "grpo", lr_grpo, seed).name
         if mine in records and grpo in records:
             diffs.append(_test_value(records[mine], name) - _test_value(records[grpo], name))
@@ -509,7 +551,7 @@ def summarize(setting: str) -> dict[str, Any]:
         lr = 0.0 if method == "base" else chosen_lr(setting, method)
         if lr is None:
             continue
-        recs = [records[n] for s in ALL_SEEDS if (n := Run(setting, method, lr, s).name) in records]
+        recs = [records[n] for s in r.seeds if (n := Run(setting, method, lr, s).name) in records]
         if not recs:
             continue
         rows.append(
@@ -630,16 +672,6 @@ def report() -> None:
             print("\n".join(parts))
 
 
-def _method_set(text: str) -> set[str]:
-    names = set(text.split(","))
-    methods = {m for r in ROUNDS.values() for m in r.methods}
-    unknown = names - {"base", *methods}
-    if unknown:
-        known = ", ".join(["base", *sorted(methods)])
-        raise argparse.ArgumentTypeError(f"unknown method(s) {sorted(unknown)}; known: {known}")
-    return names
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -654,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         p.add_argument(
             "--methods",
-            type=_method_set,
+            type=lambda text: set(text.split(",")),
             default=None,
             help="only runs of these methods, e.g. grpo (splits the lr search over drivers)",
         )
@@ -665,6 +697,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         report()
         return 0
+    known = ["base", *round_of(args.setting).methods]
+    if args.methods is not None and not args.methods <= set(known):
+        unknown = sorted(args.methods - set(known))
+        parser.error(f"unknown method(s) {unknown} in {args.setting}; known: {', '.join(known)}")
     done = 0
     while True:
         todo = [r for r in plan(args.setting) if not r.record.exists()]
@@ -674,7 +710,8 @@ def main(argv: list[str] | None = None) -> int:
             todo = [r for r in todo if r.method in args.methods]
         if args.command == "status":
             print(
-                f"{len(todo)} runs to do now (seeds 3-4 of the two best peer methods are planned once seeds 0-2 of every method are recorded):"
+                f"{len(todo)} runs to do now (the extra seeds of the best peer methods are "
+                "planned once seeds 0-2 of every method are recorded):"
             )
             print("\n".join(f"  {r.name}" for r in todo))
             return 0

@@ -167,3 +167,92 @@ def test_humaneval_splits_are_disjoint_and_verify_in_the_task_sandbox(load_bench
     responses = [f"```python\n{code}```" for code in (right, stub)]
     verdicts = test.verify_batch([problem, problem], responses)  # the task's own batch
     assert [v.reward for v in verdicts] == [1.0, 0.0]
+
+
+def test_round_2_keeps_its_paths_recipe_and_test_sampling(learning, monkeypatch, tmp_path):
+    monkeypatch.setattr(learning, "RUNS", tmp_path / "runs")
+    run = learning.Run("add2", "grpo", 2e-5, 3)
+    assert run.record == learning.RESULTS / "learning-r2" / "add2" / "grpo-lr2e-05-s3.json"
+    assert run.run_dir == tmp_path / "runs" / "learning-r2" / "add2" / "grpo-lr2e-05-s3"
+    recipe = learning.recipe_of("add2")
+    assert list(recipe)[:2] == ["model", "rollout"]
+    assert recipe["model"] == {"name": "packaged:smollm2-135m-instruct"}
+    assert recipe["rollout"]["max_new_tokens"] == 32
+    args = learning._test_eval_args("add2")
+    pairs = dict(zip(args[::2], args[1::2], strict=True))
+    assert pairs == {
+        "--task": "bench_tasks:make_arithmetic",
+        "--k": "4",
+        "--temperature": "0.6",
+        "--top-p": "0.95",
+        "--max-new-tokens": "32",
+        "--dtype": "float32",
+        "--batch-size": "64",
+    }
+    options = learning._test_task_options("add2")
+    assert options[0] == "split=test" and "n_validation=20" in options and "digits=2" in options
+
+
+def _second_round(learning, **changes):
+    fields = {
+        "folder": "learning-other",
+        "model": "packaged:smollm2-135m-instruct",
+        "settings": {
+            "other": (
+                "bench_tasks:make_arithmetic",
+                {"digits": 1},
+                {"rollout": {"max_new_tokens": 48}, "eval": {"max_new_tokens": 64}},
+            )
+        },
+        "common": {
+            "model": {"dtype": "bfloat16"},
+            "rollout": {"n": 4, "max_new_tokens": 16},
+            "eval": {"k": 4},
+        },
+        "methods": {"grpo": (["method=grpo"], "grpo"), "mopd": (["method=mopd"], "grpo")},
+        "searched": ("grpo",),
+        "controls": (),
+        "lr_grid": (1e-5,),
+        "best": 0,
+        "seeds": (0, 1, 2),
+    }
+    return learning.Round(**{**fields, **changes})
+
+
+def test_a_second_round_merges_its_setting_recipe_and_samples_the_test_like_validation(
+    learning, monkeypatch, tmp_path
+):
+    with pytest.raises(ValueError, match="may not set the task or the model"):
+        _second_round(learning, common={"model": {"name": "x"}})
+    other = _second_round(learning, common={"model": {"dtype": "bfloat16"}, "rollout": {"n": 4}})
+    monkeypatch.setattr(learning, "RUNS", tmp_path / "runs")
+    monkeypatch.setitem(learning.SETTINGS, "other", other)
+    recipe = learning.recipe_of("other")
+    assert recipe["model"] == {"name": "packaged:smollm2-135m-instruct", "dtype": "bfloat16"}
+    assert recipe["rollout"] == {"n": 4, "max_new_tokens": 48}
+    args = learning._test_eval_args("other")
+    pairs = dict(zip(args[::2], args[1::2], strict=True))
+    assert pairs["--max-new-tokens"] == "64" and pairs["--dtype"] == "bfloat16"
+    assert learning.Run("other", "grpo", 1e-5, 0).record.parent.parts[-2:] == (
+        "learning-other",
+        "other",
+    )
+    _write_to = learning.Run("other", "grpo", 1e-5, 0).record
+    _write_to.parent.mkdir(parents=True, exist_ok=True)
+    _write_to.write_text(json.dumps({"validation": [{"step": 4, "mean@4": 0.5}]}))
+    planned = learning.plan("other")
+    assert {r.seed for r in planned} == {0, 1, 2}  # base and GRPO: the round's 3 seeds
+    assert {r.method for r in planned} == {"base", "grpo", "mopd"}
+
+
+def test_a_round_is_checked_when_it_is_built(learning):
+    with pytest.raises(ValueError, match="families without a grid"):
+        _second_round(
+            learning,
+            searched=("grpo",),
+            methods={"grpo": (["method=grpo"], "grpo"), "x": (["method=mopd"], "x")},
+        )
+    with pytest.raises(ValueError, match=r"eval\.k"):
+        _second_round(learning, common={"eval": {"k": 8}})
+    with pytest.raises(ValueError, match="grpo"):
+        _second_round(learning, methods={"mopd": (["method=mopd"], "mopd")}, searched=("mopd",))
