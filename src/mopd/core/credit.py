@@ -66,8 +66,8 @@ def sign_scaled_credit(adv_B: Tensor, length: int, *, clip: float = 0.2) -> Tens
     """``A (1 - clip)`` for A > 0 and ``A (1 + clip)`` for A < 0 on every token.  # (B, T)
 
     The control of :func:`signed_teacher_credit` without a teacher: the weights it takes
-    where the teacher is less sure than the student of a token by more than the clip,
-    which is what the 135M teacher mostly is (mean gaps of -0.2 on successes, -0.6 on
+    where the teacher is less sure than the student of a token by more than the clip
+    (the direction of the 135M teacher's mean gaps, -0.2 on successes and -0.6 on
     failures; docs/benchmarks.md). If signed credit does no better than this control,
     its teacher's per-token information did not matter.
     """
