@@ -18,6 +18,7 @@ from mopd.models.loading import (
     DEFAULT_MODEL,
     PackagedModel,
     build_directory_atomically,
+    contiguous_head_input,
     is_complete_directory,
     load_model,
     load_tokenizer,
@@ -185,6 +186,30 @@ def test_local_folder_loads_in_requested_dtype_and_eval_mode(tokenizer, tmp_path
     model = load_model(str(tmp_path), dtype="bfloat16")
     assert model.dtype == torch.bfloat16
     assert not model.training
+
+
+@pytest.mark.integration
+def test_the_lm_head_reads_a_contiguous_input_when_logits_are_kept_for_the_last_positions(
+    tokenizer, tmp_path
+) -> None:
+    make_tiny_model(tokenizer).save_pretrained(tmp_path)
+    model = load_model(str(tmp_path), dtype="bfloat16")
+    seen: list[bool] = []  # what the head's own forward receives (hooks run in order)
+    model.get_output_embeddings().register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].is_contiguous())
+    )
+    ids = torch.randint(0, model.config.vocab_size, (3, 7))
+    with torch.no_grad():
+        kept = model(input_ids=ids, logits_to_keep=2).logits
+        full = model(input_ids=ids).logits
+    assert seen == [True, True]  # the slice of the last 2 positions too
+    torch.testing.assert_close(kept, full[:, -2:])
+    copied = copy.deepcopy(model)  # teachers are copies of the student
+    strided = torch.randn(3, 7, model.config.hidden_size, dtype=torch.bfloat16)[:, -2:]
+    assert not strided.is_contiguous()
+    assert copied.get_output_embeddings()._forward_pre_hooks
+    out = contiguous_head_input(copied.get_output_embeddings(), (strided,))
+    assert out[0].is_contiguous() and torch.equal(out[0], strided)
 
 
 @pytest.mark.integration

@@ -460,7 +460,25 @@ def load_model(
     path = resolve_model_path(name, cache_dir)
     with _hub_hint(name, path):
         model = AutoModelForCausalLM.from_pretrained(path, **_dtype_kwargs(DTYPES[dtype]))
+    head = model.get_output_embeddings()
+    if head is not None:
+        head.register_forward_pre_hook(contiguous_head_input)
     return model.eval()
+
+
+def contiguous_head_input(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The LM head's input as one contiguous block (a forward pre-hook on the head).
+
+    `logits_to_keep` hands the head a strided slice of the hidden states (the last
+    positions of each row). A linear layer given such a 3-D slice can fall back to a
+    batched matmul that copies the vocabulary-sized weight once per row: measured with
+    the 1.5B model, bf16 weights and LoRA adapters on CPU, the prefill of 16 rows took
+    7.4 GiB and 40 s instead of 0.9 GiB and 16 s. Copying the slice (rows x kept x d) is
+    negligible. Hooks survive `deepcopy`, so teachers copied from the student keep it.
+    """
+    if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
+        return (args[0].contiguous(), *args[1:])
+    return args
 
 
 # --------------------------------------------------------------------------- memory options
