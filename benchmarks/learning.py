@@ -38,7 +38,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,8 @@ class Round:
     methods: name -> (overrides, learning-rate family); a family's seed-0 grid picks its rate.
     searched: the families whose grid runs; controls: 3 seeds, run next to the best.
     seeds: of base, GRPO and the `best` peer methods (by validation); FEW_SEEDS for the rest.
+    lr_from: setting -> the setting whose seed-0 grid picks its rates (no grid of its own):
+        one search serves a setting whose runs cost several times more.
     """
 
     folder: str
@@ -74,9 +76,15 @@ class Round:
     lr_grid: tuple[float, ...]
     best: int = 2
     seeds: tuple[int, ...] = ALL_SEEDS
+    lr_from: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         problems = []
+        for target, source in self.lr_from.items():
+            if target not in self.settings or source not in self.settings:
+                problems.append(f"lr_from names an unknown setting: {target} -> {source}")
+            elif source in self.lr_from:
+                problems.append(f"lr_from source {source} has no grid of its own")
         if "grpo" not in self.methods:
             problems.append("no 'grpo' method to pair with")
         if not set(self.searched) | set(self.controls) <= set(self.methods):
@@ -98,6 +106,10 @@ class Round:
     def peer_methods(self) -> tuple[str, ...]:
         """The peer-conditioned methods: candidates for all seeds."""
         return tuple(m for m in self.methods if m not in ("grpo", *self.controls))
+
+    def grid_setting(self, setting: str) -> str:
+        """The setting whose seed-0 grid picks `setting`'s learning rates."""
+        return self.lr_from.get(setting, setting)
 
 
 # The teacher layout of the new peer-conditioned methods, chosen from the teacher-signal
@@ -162,7 +174,59 @@ R2 = Round(
     controls=("sign-scaled",),
     lr_grid=(5e-6, 2e-5, 8e-5),
 )
-ROUNDS = {"r2": R2}
+# The 1.5B round. Sized to about 12 hours of this machine with one driver at a time (a
+# MOPD step holds about 15 GiB): 2 threads per run, LoRA r16 in bf16, evaluations only
+# before and after training. The rate grid runs on arithmetic, whose steps are a fraction
+# of code's, and serves both settings; at 135M every searched family picked the same
+# rate in both settings but one (docs/benchmarks.md, round 2).
+WIDE_CLIP = "loss.credit_clip=0.5"  # the 1.5B teacher ranks rollouts: let it move weights more
+R3 = Round(
+    folder="learning-qwen1.5b",
+    model=QWEN,
+    settings={
+        "arith": (
+            "bench_tasks:make_arithmetic",
+            {"digits": 2, "terms": 3, "operators": "+-*", "n_train": 200},
+            {"rollout": {"max_new_tokens": 64}},
+        ),
+        "code": (
+            "bench_tasks:make_humaneval",
+            {},
+            {"rollout": {"max_new_tokens": 128}, "train": {"steps": 6}},
+        ),
+    },
+    common={
+        "model": {"dtype": "bfloat16", "lora": {"r": 16}},
+        "rollout": {"n": 8, "temperature": 0.7},
+        "train": {
+            "steps": 10,
+            "prompts_per_step": 2,
+            "micro_batch_size": 4,
+            "checkpoint_every": 2,
+            "threads": 2,
+        },
+        "optim": {"warmup_steps": 1},
+        "eval": {"every": 0, "k": 4, "temperature": 0.6, "top_p": 0.95},
+        "logging": {"progress": False},
+    },
+    methods={
+        "grpo": (["method=grpo"], "grpo"),
+        "mopd-2s1f": (["method=mopd"], "mopd-2s1f"),
+        "mopd-multi-turn": (["method=mopd", LAYOUT], "mopd-2s1f"),
+        "signed-credit": (
+            ["method=mopd", "loss.kind=signed-credit", LAYOUT, WIDE_CLIP],
+            "signed-credit",
+        ),
+        "sign-scaled": (["method=grpo", "loss.kind=sign-scaled", WIDE_CLIP], "signed-credit"),
+    },
+    searched=("grpo", "mopd-2s1f", "signed-credit"),
+    controls=("sign-scaled",),
+    lr_grid=(2e-5, 1e-4),
+    best=0,
+    seeds=FEW_SEEDS,
+    lr_from={"code": "arith"},
+)
+ROUNDS = {"r2": R2, "qwen": R3}
 SETTINGS: dict[str, Round] = {name: r for r in ROUNDS.values() for name in r.settings}
 assert len(SETTINGS) == sum(len(r.settings) for r in ROUNDS.values()), "setting names repeat"
 assert len({r.folder for r in ROUNDS.values()}) == len(ROUNDS), "round folders repeat"
@@ -211,12 +275,13 @@ def _records(setting: str) -> dict[str, dict[str, Any]]:
 
 def chosen_lr(setting: str, method: str) -> float | None:
     """Best final validation mean@k of the family's seed-0 grid; None until it is complete."""
-    records = _records(setting)
-    grid = round_of(setting).lr_grid
-    searched = round_of(setting).methods[method][1]
+    r = round_of(setting)
+    source = r.grid_setting(setting)
+    records = _records(source)
+    grid, searched = r.lr_grid, r.methods[method][1]
     scores = {}
     for lr in grid:
-        rec = records.get(Run(setting, searched, lr, 0).name)
+        rec = records.get(Run(source, searched, lr, 0).name)
         if rec is None:
             return None
         scores[lr] = rec["validation"][-1][f"mean@{EVAL_K}"]
@@ -266,7 +331,8 @@ def plan(setting: str) -> list[Run]:
     only decides what a partial benchmark holds first (the paired comparisons that
     matter); which runs exist is fixed by the protocol (`seeds_of`)."""
     r = round_of(setting)
-    runs = [Run(setting, m, lr, 0) for m in r.searched for lr in r.lr_grid]
+    own_grid = r.grid_setting(setting) == setting
+    runs = [Run(setting, m, lr, 0) for m in r.searched for lr in r.lr_grid if own_grid]
     ranked = sorted(r.peer_methods, key=lambda m: -_seed0_validation(setting, m))
     first = ("base", "grpo", *ranked[:3], *r.controls)
     phases = [
@@ -418,6 +484,7 @@ def _test_eval_args(setting: str) -> list[str]:
         cfg.model.dtype,
         "--batch-size",
         str(cfg.rollout.batch_size),
+        *(["--threads", str(cfg.train.threads)] if cfg.train.threads else []),
     ]
 
 

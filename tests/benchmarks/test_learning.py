@@ -188,6 +188,7 @@ def test_round_2_keeps_its_paths_recipe_and_test_sampling(learning, monkeypatch,
         "--max-new-tokens": "32",
         "--dtype": "float32",
         "--batch-size": "64",
+        "--threads": "1",  # the trainer's thread count (the eval CLI's default too)
     }
     options = learning._test_task_options("add2")
     assert options[0] == "split=test" and "n_validation=20" in options and "digits=2" in options
@@ -256,3 +257,44 @@ def test_a_round_is_checked_when_it_is_built(learning):
         _second_round(learning, common={"eval": {"k": 8}})
     with pytest.raises(ValueError, match="grpo"):
         _second_round(learning, methods={"mopd": (["method=mopd"], "mopd")}, searched=("mopd",))
+
+
+def test_a_setting_can_take_its_rates_from_another_settings_grid(learning, monkeypatch):
+    arith = _second_round(learning).settings["other"]
+    both = _second_round(
+        learning,
+        settings={"cheap": arith, "dear": arith},
+        common={"rollout": {"n": 4}, "eval": {"k": 4}, "train": {"threads": 2}},
+        lr_grid=(1e-5, 4e-5),
+        lr_from={"dear": "cheap"},
+    )
+    monkeypatch.setitem(learning.SETTINGS, "cheap", both)
+    monkeypatch.setitem(learning.SETTINGS, "dear", both)
+    assert {r.method for r in learning.plan("dear")} == {"base"}  # no grid of its own
+    assert len([r for r in learning.plan("cheap") if r.method == "grpo"]) == 2
+    for lr, score in ((1e-5, 0.3), (4e-5, 0.6)):
+        record = learning.Run("cheap", "grpo", lr, 0).record
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({"validation": [{"step": 4, "mean@4": score}]}))
+    dear = learning.plan("dear")
+    assert {(r.method, r.lr) for r in dear if r.method != "base"} == {
+        ("grpo", 4e-5),
+        ("mopd", 4e-5),
+    }
+    assert {r.seed for r in dear if r.method == "grpo"} == {0, 1, 2}  # seed 0 is its own run
+    args = learning._test_eval_args("dear")
+    assert dict(zip(args[::2], args[1::2], strict=True))["--threads"] == "2"
+    for bad, match in (({"dear": "nowhere"}, "unknown setting"), ({"dear": "dear"}, "no grid")):
+        with pytest.raises(ValueError, match=match):
+            _second_round(learning, settings={"cheap": arith, "dear": arith}, lr_from=bad)
+
+
+def test_the_qwen_round_pairs_the_issue_methods_on_code_and_arithmetic(learning):
+    qwen = learning.ROUNDS["qwen"]
+    assert qwen.model == "packaged:qwen2.5-coder-1.5b-instruct"
+    assert set(qwen.settings) == {"arith", "code"} and qwen.lr_from == {"code": "arith"}
+    assert {"grpo", "mopd-2s1f", "mopd-multi-turn", "signed-credit"} <= set(qwen.methods)
+    code = learning.recipe_of("code")
+    assert code["model"]["dtype"] == "bfloat16" and code["model"]["lora"] == {"r": 16}
+    assert code["train"]["threads"] == 2 and code["eval"]["every"] == 0
+    assert learning.recipe_of("arith")["train"]["steps"] > code["train"]["steps"]
