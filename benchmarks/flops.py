@@ -10,7 +10,7 @@ workers; and the rate at which one thread reads memory (the bound of token-by-to
 generation, which reads every weight once per decoding step). Work counted from the
 tokens each step really processed (no padding; padded work is extra, not useful):
 
-    N_body = parameters without the token embedding (tied LM head excluded), H = d * V
+    N_body = parameters without the token embedding and the LM head, H = d * V
     forward of a row with L context and R response tokens:
         2 * N_body * L  +  2 * H * R  +  2 * L^2 * d_attn * layers      (L includes R)
     generate   one forward per rollout (prompt + response; the KV cache makes it so)
@@ -83,10 +83,13 @@ def read_gbps(threads: int, gib: float = 1.0, reps: int = 5) -> float:
 def model_shape(model: Any) -> dict[str, int]:
     cfg = model.config
     params = {id(p): p.numel() for p in model.parameters()}
-    embed = model.get_input_embeddings().weight.numel()
+    # Neither embedding is body: the input one is a lookup, the LM head (tied or not) runs on
+    # response positions only and is counted apart.
+    for table in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+        params.pop(id(table), None)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     return {
-        "n_body": sum(params.values()) - embed,
+        "n_body": sum(params.values()),
         "head": cfg.hidden_size * model.get_output_embeddings().weight.shape[0],
         "d_attn": cfg.num_attention_heads * head_dim,
         "layers": cfg.num_hidden_layers,

@@ -184,22 +184,24 @@ R3 = Round(
     folder="learning-qwen1.5b",
     model=QWEN,
     settings={
+        # Two-digit multiplication: the untrained model answers in about 5 tokens and gets
+        # 56% right (mean@4 on 20 eval prompts, docs/benchmarks.md).
         "arith": (
             "bench_tasks:make_arithmetic",
-            {"digits": 2, "terms": 3, "operators": "+-*", "n_train": 200},
-            {"rollout": {"max_new_tokens": 64}},
+            {"digits": 2, "terms": 2, "operators": "*", "n_train": 200},
+            {"rollout": {"max_new_tokens": 32}, "train": {"steps": 12, "checkpoint_every": 4}},
         ),
         "code": (
             "bench_tasks:make_humaneval",
             {},
-            {"rollout": {"max_new_tokens": 128}, "train": {"steps": 6}},
+            {"rollout": {"max_new_tokens": 128}},
         ),
     },
     common={
         "model": {"dtype": "bfloat16", "lora": {"r": 16}},
         "rollout": {"n": 8, "temperature": 0.7},
         "train": {
-            "steps": 10,
+            "steps": 6,
             "prompts_per_step": 2,
             "micro_batch_size": 4,
             "checkpoint_every": 2,
@@ -494,7 +496,8 @@ def _test_task_options(setting: str) -> list[str]:
         "n_validation": N_VALIDATION,
         "n_test": N_TEST,
     }
-    return ["split=test", *(f"{k}={v}" for k, v in options.items())]
+    # JSON is YAML: a string such as "*" reaches the task as itself, not as a YAML alias.
+    return ["split=test", *(f"{k}={json.dumps(v)}" for k, v in options.items())]
 
 
 def _claim(run: Run) -> tuple[Run, Any] | None:

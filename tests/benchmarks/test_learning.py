@@ -298,3 +298,10 @@ def test_the_qwen_round_pairs_the_issue_methods_on_code_and_arithmetic(learning)
     assert code["model"]["dtype"] == "bfloat16" and code["model"]["lora"] == {"r": 16}
     assert code["train"]["threads"] == 2 and code["eval"]["every"] == 0
     assert learning.recipe_of("arith")["train"]["steps"] > code["train"]["steps"]
+
+
+def test_test_split_task_options_reach_the_task_as_written(learning):
+    from mopd.cli import _task_options
+
+    options = _task_options(learning._test_task_options("arith")[1:])
+    assert options["operators"] == "*" and options["digits"] == 2
