@@ -145,6 +145,15 @@ def test_eval_limits_and_sections_given_a_value_are_named(override, message):
         load_config(None, [override])
 
 
+def test_an_override_that_is_not_yaml_says_how_to_pass_it_as_text():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["task.options.operators=*"])
+    message = str(e.value)
+    assert "\n" not in message and "task.options.operators='\"*\"'" in message
+    quoted = load_config(None, ['task.options.operators="*"'])
+    assert quoted.task.options["operators"] == "*"
+
+
 def test_malformed_yaml_names_its_file(tmp_path):
     recipe = tmp_path / "broken.yaml"
     recipe.write_text("train:\n  steps: [1\n")

@@ -554,8 +554,12 @@ def _parse_override(item: str) -> tuple[str, Any]:
     key, raw = item.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw != "" else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from exc
+    except yaml.YAMLError as exc:  # e.g. '*' (an alias) or '@x' (reserved) as text
+        problem = getattr(exc, "context", None) or getattr(exc, "problem", None) or "invalid"
+        raise ConfigError(
+            f"override {key}: cannot parse value {raw!r} as YAML ({problem}); "
+            f"to pass it as text, quote it: {key}='\"{raw}\"'"
+        ) from exc
     return key.strip(), value
 
 
