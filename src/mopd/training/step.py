@@ -35,6 +35,7 @@ from mopd.objectives import Objective, Scorers, StepBatch, StepLog, StudentForwa
 from mopd.rollout.base import RolloutEngine
 from mopd.tasks.base import Task
 from mopd.training.distributed import Distributed
+from mopd.training.memory import release_freed_memory
 from mopd.training.metrics import step_counts, step_metrics
 from mopd.types import Problem, Rollout, Verdict
 
@@ -189,4 +190,7 @@ def train_step(
     inputs = sampled.teacher_inputs
     counts = step_counts(batch, log, inputs, sampled.context_sums, success_threshold=threshold)
     metrics = step_metrics(dist.sum(counts), dist.max(times), grad_norm=grad_norm, lr=lr)
-    return _output(sampled, batch, log), metrics
+    output = _output(sampled, batch, log)
+    del sampled, batch, log, scorers
+    release_freed_memory()  # or the heap's holes add up over steps (training.memory)
+    return output, metrics
