@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -89,6 +91,24 @@ def test_lm_head_only_projects_the_response_positions(tokenizer) -> None:
     with torch.no_grad():
         response_logits(model, batch)
     assert shapes == [(3, 5, len(tokenizer))]  # never (B, L, V)
+
+
+@pytest.mark.integration
+def test_a_lora_student_also_projects_only_the_response_positions(tokenizer) -> None:
+    pytest.importorskip("peft")
+    from mopd.models.lora import add_lora
+
+    model = make_tiny_model(tokenizer)
+    plain = copy.deepcopy(model)
+    student = add_lora(model, r=4, alpha=8.0, target_modules=["q_proj", "v_proj"])
+    shapes: list[tuple[int, ...]] = []
+    head = student.get_output_embeddings()
+    head.register_forward_hook(lambda _m, _i, out: shapes.append(tuple(out.shape)))
+    batch = build_scoring_batch(PROMPTS, RESPONSES, pad_id=tokenizer.pad_token_id)
+    logits_BRV = response_logits(student, batch)  # with autograd, as in training
+    assert shapes == [(3, 5, len(tokenizer))]  # never (B, L, V)
+    with torch.no_grad():  # fresh adapters compute what the plain model computes
+        torch.testing.assert_close(logits_BRV.detach(), response_logits(plain, batch))
 
 
 @pytest.mark.integration

@@ -120,7 +120,12 @@ def output_vocab_size(model: PreTrainedModel) -> int:
 
 
 def _accepts_logits_to_keep(model: PreTrainedModel) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+    """Whether the architecture takes ``logits_to_keep``. A PEFT wrapper's own forward
+    only passes keywords through, so its base model is asked: otherwise a LoRA student
+    would project every position through the LM head ((B, L, V) logits and their
+    gradient: gigabytes at a 152k vocabulary)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 def response_logits(
