@@ -175,8 +175,8 @@ R2 = Round(
     lr_grid=(5e-6, 2e-5, 8e-5),
 )
 # The 1.5B round. Sized to about 12 hours of this machine with one driver at a time (a
-# MOPD step holds about 15 GiB): 2 threads per run, LoRA r16 in bf16, evaluations only
-# before and after training. The rate grid runs on arithmetic, whose steps are a fraction
+# MOPD code step peaked at 22.7 GiB with micro-batches of 4 on a 24 GiB machine: 2 here):
+# 2 threads per run, LoRA r16 in bf16, evaluations only before and after training. The rate grid runs on arithmetic, whose steps are a fraction
 # of code's, and serves both settings; at 135M every searched family picked the same
 # rate in both settings but one (docs/benchmarks.md, round 2).
 WIDE_CLIP = "loss.credit_clip=0.5"  # the 1.5B teacher ranks rollouts: let it move weights more
@@ -203,7 +203,7 @@ R3 = Round(
         "train": {
             "steps": 6,
             "prompts_per_step": 2,
-            "micro_batch_size": 4,
+            "micro_batch_size": 2,
             "checkpoint_every": 2,
             "threads": 2,
         },

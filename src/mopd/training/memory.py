@@ -1,13 +1,15 @@
-"""Handing memory that was freed back to the operating system after each training step.
+"""Handing memory that was freed back to the operating system during training.
 
-glibc's allocator keeps freed blocks inside its heaps for reuse. A training step frees
-gigabytes of differently sized activations, logits and merged weights; the holes they
-leave stay resident, and the next step's allocations do not fit back into them exactly,
-so the resident size climbs from step to step. With the packaged 1.5B student (bfloat16,
-LoRA, 2S1F teacher, HumanEval, 128-token answers) the second step of a run reached 24 GiB
-of anonymous memory and was killed on a 24 GiB machine; ``malloc_trim(0)`` at the end of
-each step brings a step's 13.7 GiB back to the 8.9 GiB the models and the EMA record hold
-(docs/benchmarks.md). Elsewhere (macOS, musl, Windows) it is a no-op.
+glibc's allocator keeps freed blocks inside its heaps for reuse. A micro-batch's backward
+frees gigabytes of activations of sizes that depend on its sequence lengths; the next
+micro-batch's tensors do not fit back into those holes exactly, so the resident size
+climbs with every micro-batch of a step. With the packaged 1.5B student (bfloat16, LoRA,
+2S1F teacher, HumanEval, 128-token answers, micro-batches of 2 rows) it climbed by about
+3 GiB per micro-batch to over 23 GiB and the process was killed on a 24 GiB machine;
+``malloc_trim(0)`` after each backward brings it from 9.4 back to 4.0 GiB, and after each
+step back to what the models and the EMA record hold (docs/benchmarks.md). The pages
+are faulted in again when reused, a few seconds per step at this size. Elsewhere (macOS,
+musl, Windows) it is a no-op.
 """
 
 from __future__ import annotations

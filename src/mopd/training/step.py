@@ -102,6 +102,8 @@ def run_objective(
             log.add_ratio("rollout/is_clipped_fraction", agreement["is_clipped"], tokens)
         loss.backward()
         log.total += float(loss.detach())
+        del forward, loss
+        release_freed_memory()  # this micro-batch's activations (training.memory)
     return log
 
 
