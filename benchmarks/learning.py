@@ -1,16 +1,20 @@
-"""Learning benchmark, round 2: GRPO against peer-conditioned methods that keep the
-verifier's sign (signed and contrastive peer credit, a GRPO-dominant mix, distillation of
-failures only), the paper-faithful MOPD-2S1F and its random-peer control.
+"""Learning benchmark: GRPO against peer-conditioned methods at a matched budget, in rounds.
 
-Every method trains the packaged SmolLM2-135M-Instruct with the same prompts, group size,
-steps, token limit and optimizer settings; only the loss (and its teacher context)
-differs. Learning rates are searched on a validation split (seed 0) for GRPO, MOPD-2S1F
-and each new objective; variants share their family's rate. The chosen runs are reported
-on a separate test split, paired by seed with GRPO (a seed fixes the problem order and
-the sampling): 5 seeds for base, GRPO and the two peer-conditioned methods with the best
-validation score over seeds 0-2, 3 seeds for the rest. Round 1 (8 steps, the loss at
-temperature 1, the mix weighting bug) is kept in `results/learning/` and the script that
-made it in git history.
+Round 2 (`R2`, SmolLM2-135M-Instruct): GRPO against objectives that keep the verifier's
+sign (signed and contrastive peer credit, a GRPO-dominant mix, distillation of failures
+only), the paper-faithful MOPD-2S1F and its random-peer control. The 1.5B round (`R3`,
+Qwen2.5-Coder-1.5B-Instruct with LoRA): GRPO, MOPD-2S1F in the paper's and in the
+multi-turn layout, signed credit and its teacher-free control, on two-digit
+multiplication and on HumanEval.
+
+In a round every method trains the same model with the same prompts, group size, steps,
+token limit and optimizer settings; only the loss (and its teacher context) differs.
+Learning rates are searched on a validation split (seed 0) for GRPO and each searched
+family; variants share their family's rate, and a setting may take its rates from
+another setting's grid (`Round.lr_from`). The chosen runs are reported on a separate
+test split, paired by seed with GRPO (a seed fixes the problem order and the sampling).
+Round 1 (8 steps, the loss at temperature 1, the mix weighting bug) is kept in
+`results/learning/` and the script that made it in git history.
 
 The benchmark is a list of runs, each a `mopd train` followed by a `mopd eval` of its
 final checkpoint on the test split, in its own process. A finished run leaves a small
