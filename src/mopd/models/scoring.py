@@ -124,7 +124,8 @@ def _accepts_logits_to_keep(model: PreTrainedModel) -> bool:
     only passes keywords through, so its base model is asked: otherwise a LoRA student
     would project every position through the LM head ((B, L, V) logits and their
     gradient: gigabytes at a 152k vocabulary)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    get_base = getattr(model, "get_base_model", None)
+    base = get_base() if callable(get_base) else model
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
