@@ -180,9 +180,10 @@ R2 = Round(
 )
 # The 1.5B round. Sized to about 12 hours of this machine with one driver at a time (a
 # MOPD code step peaked at 22.7 GiB with micro-batches of 4 on a 24 GiB machine: 2 here):
-# 2 threads per run, LoRA r16 in bf16, evaluations only before and after training. The rate grid runs on arithmetic, whose steps are a fraction
-# of code's, and serves both settings; at 135M every searched family picked the same
-# rate in both settings but one (docs/benchmarks.md, round 2).
+# 2 threads per run, LoRA r16 in bf16, evaluations only before and after training. The
+# rate grid runs on arithmetic, whose steps are a fraction of code's, and serves both
+# settings; at 135M every searched family picked the same rate in both settings but one
+# (docs/benchmarks.md, round 2).
 WIDE_CLIP = "loss.credit_clip=0.5"  # the 1.5B teacher ranks rollouts: let it move weights more
 R3 = Round(
     folder="learning-qwen1.5b",
@@ -337,8 +338,11 @@ def plan(setting: str) -> list[Run]:
     only decides what a partial benchmark holds first (the paired comparisons that
     matter); which runs exist is fixed by the protocol (`seeds_of`)."""
     r = round_of(setting)
-    own_grid = r.grid_setting(setting) == setting
-    runs = [Run(setting, m, lr, 0) for m in r.searched for lr in r.lr_grid if own_grid]
+    runs = (
+        [Run(setting, m, lr, 0) for m in r.searched for lr in r.lr_grid]
+        if r.grid_setting(setting) == setting
+        else []
+    )
     ranked = sorted(r.peer_methods, key=lambda m: -_seed0_validation(setting, m))
     first = ("base", "grpo", *ranked[:3], *r.controls)
     phases = [

@@ -8,8 +8,7 @@ climbs with every micro-batch of a step. With the packaged 1.5B student (bfloat1
 3 GiB per micro-batch to over 23 GiB and the process was killed on a 24 GiB machine;
 ``malloc_trim(0)`` after each backward brings it from 9.4 back to 4.0 GiB, and after each
 step back to what the models and the EMA record hold (docs/benchmarks.md). The pages
-are faulted in again when reused, a few seconds per step at this size. Elsewhere (macOS,
-musl, Windows) it is a no-op.
+are faulted in again when reused. Elsewhere (macOS, musl, Windows) it is a no-op.
 """
 
 from __future__ import annotations
