@@ -216,6 +216,10 @@ def test_diagnostics_per_condition_and_layout(tokenizer, tiny_model, two_groups)
         gaps = result.conditions[1 if name == "paper" else 2].gaps
         failures = [*gaps[0][2:], *gaps[1]]  # every failure of both groups
         assert over["gap_failure"] == pytest.approx(sum(sum(g) / len(g) for g in failures) / 4)
+        successes = gaps[0][:2]  # the successes of group 0 (group 1 has none)
+        first = sum(g[0] for g in successes) / 2
+        assert over["gap_first_success"] == pytest.approx(first)
+        assert first != pytest.approx(over["gap_success"])  # not the mean over tokens
 
 
 def test_diagnostics_read_both_models_at_the_score_temperature(tokenizer, tiny_model, two_groups):

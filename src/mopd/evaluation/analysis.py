@@ -16,7 +16,10 @@ Next to the ranking metrics, diagnostics that say whether a context would mislea
 student if it were distilled: P(end-of-turn) at the last token of complete successes
 (teacher vs. student: a teacher that lowers it teaches the student to run on), the mean
 teacher-minus-student entropy per token, and the mean log-prob gap on successes and on
-failures (a good context raises successes relative to failures). Conditions can be
+failures (a good context raises successes relative to failures), and that gap at the
+first token of successes (a teacher that doubts how successes open, e.g. one that would
+rather begin with an explanation than with the answer, pushes the student's openings
+elsewhere even when the mean gap looks small). Conditions can be
 scored under several teacher layouts (`core.prompts`); ``2S1F@multi-turn`` names the
 2S1F condition in the multi-turn layout, a bare name the paper layout.
 
@@ -182,7 +185,14 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-DIAGNOSTICS = ("p_eot_teacher", "p_eot_student", "entropy_gap", "gap_success", "gap_failure")
+DIAGNOSTICS = (
+    "p_eot_teacher",
+    "p_eot_student",
+    "entropy_gap",
+    "gap_success",
+    "gap_failure",
+    "gap_first_success",
+)
 
 
 def _diagnostics(
@@ -214,6 +224,9 @@ def _diagnostics(
         "entropy_gap": _mean([entropy[i] for i in scored]),
         "gap_success": _mean([gaps[i] for i in scored if success[i]]),
         "gap_failure": _mean([gaps[i] for i in scored if not success[i]]),
+        "gap_first_success": _mean(
+            [teacher[i].logp[0] - student[i].logp[0] for i in scored if success[i]]
+        ),
     }
 
 
@@ -419,6 +432,7 @@ SIGNAL_HEADERS = (
     "entropy gap",
     "gap success",
     "gap failure",
+    "first-token gap success",
     "teacher prompt tokens",
     "time (s)",
 )
