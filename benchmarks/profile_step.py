@@ -1,10 +1,10 @@
 """Where one MOPD step spends its time: torch.profiler operator table of a timed step.
 
-    python benchmarks/profile_step.py [--method mopd] [--rows 25]
+    python benchmarks/profile_step.py [--method mopd] [--rows 25] [--name profile_mopd]
 
 Same setting as step_time.py (`sysbench.Setting`); one untimed warm-up step, then one
 profiled step. Prints the operators by self CPU time and writes them to
-benchmarks/results/systems/profile_<method>.md.
+benchmarks/results/systems/<name>.md (default: profile_<method>).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", default="mopd")
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--name", default=None, help="result file's name (default profile_METHOD)")
     Setting().add_arguments(parser)
     args = parser.parse_args()
     s = Setting.from_args(args)
@@ -48,7 +49,7 @@ def main() -> None:
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows)
     machine = sysbench.machine()
     text = f"{machine}\n\nstep times: {times}\n\n```\n{table}\n```"
-    out = sysbench.RESULTS / f"profile_{args.method}.md"
+    out = sysbench.RESULTS / f"{args.name or 'profile_' + args.method}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text + "\n")
     print(text)
