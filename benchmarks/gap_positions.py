@@ -13,14 +13,15 @@ token, the tokens in between and the last token (end-of-turn on complete respons
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from signal_split import read_scores
+
 PARTS = ("first", "middle", "last")
+OUTCOMES = ("success", "failure")
 
 
 def _mean(values: list[float]) -> float:
@@ -36,7 +37,7 @@ def positions(
     (rollouts of one or two tokens have none and are left out of it).
     """
     values: dict[str, dict[str, dict[str, list[float]]]] = defaultdict(
-        lambda: {o: {p: [] for p in PARTS} for o in ("success", "failure")}
+        lambda: {o: {p: [] for p in PARTS} for o in OUTCOMES}
     )
     for row in rows:
         gap = row["gap"]
@@ -54,10 +55,10 @@ def positions(
 
 
 def markdown(table: dict[str, dict[str, dict[str, float]]]) -> str:
-    head = " | ".join(f"{o} {p}" for o in ("success", "failure") for p in PARTS)
+    head = " | ".join(f"{o} {p}" for o in OUTCOMES for p in PARTS)
     lines = [f"| condition | {head} |", "|---|" + "---:|" * 2 * len(PARTS)]
     for cond, by_outcome in table.items():
-        cells = [f"{by_outcome[o][p]:+.2f}" for o in ("success", "failure") for p in PARTS]
+        cells = [f"{by_outcome[o][p]:+.2f}" for o in OUTCOMES for p in PARTS]
         lines.append(f"| {cond} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -65,11 +66,7 @@ def markdown(table: dict[str, dict[str, dict[str, float]]]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("scores", type=Path)
-    path = parser.parse_args(argv).scores
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    print(markdown(positions(rows)))
+    print(markdown(positions(read_scores(parser.parse_args(argv).scores))))
 
 
 if __name__ == "__main__":

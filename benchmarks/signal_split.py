@@ -41,9 +41,10 @@ def split(rows: list[dict[str, Any]]) -> dict[str, dict[str, tuple[int, float | 
     return out
 
 
-def _read(path: Path) -> list[dict[str, Any]]:
+def read_scores(path: Path) -> list[dict[str, Any]]:
+    """The rows of a `mopd analyze` scores.jsonl (or .jsonl.gz)."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt") as f:
+    with opener(path, "rt", encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("scores", type=Path, help="scores.jsonl written by `mopd analyze`")
     args = parser.parse_args(argv)
-    table = split(_read(args.scores))
+    table = split(read_scores(args.scores))
     print("| condition | AUC, one success (prompts) | AUC, two or more (prompts) |")
     print("|---|---:|---:|")
     for condition, parts in table.items():
