@@ -666,7 +666,9 @@ def _markdown(summary: dict[str, Any]) -> str:
         lines.append("")
     lines += [
         "Test split: mean over seeds ± half-width of the 95% t-interval over seeds; with a "
-        "single seed, [95% bootstrap interval over the test prompts].",
+        "single seed, [95% bootstrap interval over the test prompts]. Train wall: the "
+        "driver's training time since the run last started or resumed (s/step below is "
+        "the whole run's).",
         "",
         "| method | lr | seeds | test mean@4 | minus GRPO (paired) | test pass@1 | test pass@4 "
         "| train wall s/run |",
@@ -686,8 +688,8 @@ def _markdown(summary: dict[str, Any]) -> str:
         "n/a: not recorded for those runs):",
         "",
         "| method | rollout success | response tokens | truncated | test response tokens "
-        "| context fraction | teacher AUC | gap success | gap failure |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| context fraction | teacher AUC | gap success | gap failure | s/step |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in summary["methods"]:
         if r["method"] == "base":
@@ -701,6 +703,7 @@ def _markdown(summary: dict[str, Any]) -> str:
             r["teacher/success_auc"],
             r["gap/success"],
             r["gap/failure"],
+            r["time/step"],  # unlike the wall column, whole for a resumed run
         ]
         lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

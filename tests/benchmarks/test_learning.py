@@ -110,6 +110,26 @@ def test_paired_difference_to_grpo_is_over_shared_seeds(learning):
     assert learning.paired_difference("add1", "grpo", "mean@4") is None
 
 
+def test_the_report_gives_the_whole_runs_step_time_beside_the_resumed_wall_time(learning):
+    lr = learning.R2.lr_grid[0]
+    _grid(learning, "grpo", (0.5, 0.4, 0.3))
+    for seed, (wall, step) in enumerate(((160.0, 10.0), (40.0, 14.0))):  # seed 1 resumed
+        run = learning.Run("add1", "grpo", lr, seed)
+        record = json.loads(run.record.read_text()) if run.record.exists() else {}
+        record.update(
+            seed=seed,
+            train_wall_s=wall,
+            train_means={"time/step": step},
+            validation=[{"step": 16, "mean@4": 0.5}],
+            test={"metrics": {k: {"mean": 0.5} for k in ("mean@4", "pass@1", "pass@4")}},
+        )
+        run.record.write_text(json.dumps(record))
+    table = learning._markdown(learning.summarize("add1"))
+    rows = [line for line in table.splitlines() if line.startswith("| grpo |")][-2:]
+    assert rows[0].endswith("| 100 |")  # the wall column: mean of what each record holds
+    assert rows[1].endswith("| 12.000 |")  # s/step: mean over the runs' steps
+
+
 def test_status_filters_by_method_and_seed_and_rejects_unknown_names(learning, capsys):
     assert learning.main(["status", "--setting", "add1", "--methods", "grpo,base"]) == 0
     listed = capsys.readouterr().out.split()
