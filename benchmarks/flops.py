@@ -3,6 +3,7 @@
     python benchmarks/flops.py                   # MOPD-2S1F and GRPO, the step_time setting
     python benchmarks/flops.py --model packaged:qwen2.5-coder-1.5b-instruct --dtype bfloat16 \
         --lora 16 --task humaneval --prompts 2 --n 8 --max-new-tokens 128 --temperature 0.7
+    python benchmarks/flops.py --variants mopd,mopd+model.packed_weights=false ...
 
 Peak: the `torch.matmul` rate of square matrices in the weights' dtype (n=2048, median of
 5) at 1 thread and at `--matmul-threads`, measured in this process before and after the
@@ -27,6 +28,7 @@ loss and verifier FLOPs are left out (elementwise, small).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import statistics
 import sys
 import tempfile
@@ -106,14 +108,16 @@ def forward_flops(shape: dict[str, int], context: int, response: int) -> float:
     )
 
 
-def worker(method: str, s: Setting) -> dict[str, Any]:
+def worker(variant: str, s: Setting) -> dict[str, Any]:
+    """One variant's steps; a variant is a method with optional `+key=value` overrides."""
     from mopd.collect.contexts import chat_prompt_ids
     from mopd.config import load_config
     from mopd.core.seeding import derive_seed
     from mopd.training.step import train_step
     from mopd.training.trainer import Trainer, training_problems
 
-    cfg = load_config(None, our_overrides(method, s))
+    method, *extra = variant.split("+")
+    cfg = load_config(None, [*our_overrides(method, s), *extra])
     trainer = Trainer(cfg, run_dir=Path(tempfile.mkdtemp(prefix="flops-")))
     shape = model_shape(trainer.student)
     backward = 2 if cfg.model.lora.r > 0 else 3
@@ -147,6 +151,11 @@ def worker(method: str, s: Setting) -> dict[str, Any]:
                 "prefill_flops": prefill,
                 "decode_steps": decode_steps,
                 "response_tokens": sum(lengths),
+                # equal digests: the variants drew the same rollouts (same seeds)
+                "rollouts_digest": hashlib.sha256(
+                    repr([[r.response_ids for r in g] for g in out.groups]).encode()
+                ).hexdigest()[:16],
+                "loss": metrics.get("loss/total"),
                 **{k: v for k, v in metrics.items() if k.startswith("time/")},
             }
         )
@@ -224,6 +233,9 @@ def main() -> None:
         ],
         rows,
     )
+    digests = {v: [st["rollouts_digest"] for st in res["steps"]] for v, res in runs.items()}
+    losses = {v: [st["loss"] for st in res["steps"]] for v, res in runs.items()}
+    table += f"\nrollout digests per timed step: {digests}\nloss/total per timed step: {losses}\n"
     data = {
         "command": " ".join(["python", *sys.argv]),
         "setting": vars(s),

@@ -8,6 +8,7 @@ Commands that load models import torch and transformers lazily, so ``--help`` an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import sys
@@ -422,6 +423,7 @@ def _analyze(args: argparse.Namespace) -> int:
         write_analysis,
     )
     from mopd.models.loading import load_model, load_tokenizer
+    from mopd.models.packing import packed_linears
     from mopd.reporting.report import summary_table
     from mopd.rollout.base import SamplingParams
     from mopd.rollout.hf import HFRolloutEngine
@@ -452,24 +454,28 @@ def _analyze(args: argparse.Namespace) -> int:
             seed=args.seed,
             progress="sampling",
         )
-    result = analyze_groups(
-        model,
-        tokenizer,
-        problems,
-        groups,
-        verdicts,
-        conditions,
-        teacher=teacher,
-        seed=args.seed,
-        control_base=args.control_base,
-        policy=args.policy,
-        max_prompt_tokens=args.max_teacher_tokens,
-        batch_size=args.batch_size,
-        n_boot=args.n_boot,
-        layouts=layouts,
-        temperature=args.score_temperature,
-        progress=True,
-    )
+    with contextlib.ExitStack() as frozen:  # neither model changes during the analysis
+        for scorer in (model, teacher):
+            if scorer is not None:
+                frozen.enter_context(packed_linears(scorer))
+        result = analyze_groups(
+            model,
+            tokenizer,
+            problems,
+            groups,
+            verdicts,
+            conditions,
+            teacher=teacher,
+            seed=args.seed,
+            control_base=args.control_base,
+            policy=args.policy,
+            max_prompt_tokens=args.max_teacher_tokens,
+            batch_size=args.batch_size,
+            n_boot=args.n_boot,
+            layouts=layouts,
+            temperature=args.score_temperature,
+            progress=True,
+        )
     result.meta.update(
         model=args.model,
         teacher=args.teacher or args.model,

@@ -98,6 +98,11 @@ class ModelConfig:
     autocast: str = opt(
         "none", "bfloat16: forwards in bf16 autocast over fp32 master weights; none: off"
     )
+    packed_weights: bool = opt(
+        True,
+        "bf16 on CPU: rollouts and teacher passes run on weights packed once for oneDNN "
+        "(faster; bf16 rounding may differ; one more copy of the weights while they run)",
+    )
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "model.name", "must not be empty")

@@ -20,6 +20,7 @@ def build_engine(
     model_path: str,
     world_size: int = 1,
     seed: int = 0,
+    packed_weights: bool = True,
 ) -> RolloutEngine:
     """The engine of `config.engine`, sampling from `student`'s current weights.
 
@@ -35,13 +36,17 @@ def build_engine(
             ``external_launcher`` executor, tensor parallel size 1) and samples its own
             rollout shards; all processes must call this at the same point.
         seed: the run seed (vLLM's own default seed; every request carries its own).
+        packed_weights: the hf engine samples from packed bf16 CPU weights
+            (:mod:`mopd.models.packing`).
     """
     from mopd.config import ConfigError
 
     if config.engine == "hf":
         from mopd.rollout.hf import HFRolloutEngine
 
-        return HFRolloutEngine(student, tokenizer, batch_size=config.batch_size)
+        return HFRolloutEngine(
+            student, tokenizer, batch_size=config.batch_size, packed_weights=packed_weights
+        )
     if config.engine != "vllm":
         raise ConfigError(f"rollout.engine: got {config.engine!r}, expected 'hf' or 'vllm'")
     from mopd.rollout.vllm import DTYPE_NAMES, VLLMRolloutEngine

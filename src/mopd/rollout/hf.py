@@ -47,6 +47,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from mopd.models.packing import packed_linears
 from mopd.rollout.base import SamplingParams, check_generate_args, rows_done
 from mopd.types import Rollout
 
@@ -131,6 +132,8 @@ class HFRolloutEngine:
         eos_token_ids: ids that end a response; default the tokenizer's EOS. Chat models
             whose template ends turns with a token other than the tokenizer's EOS should
             list both.
+        packed_weights: generate on packed copies of large bf16 CPU weights, made at
+            the start of each call (:mod:`mopd.models.packing`).
     """
 
     def __init__(
@@ -140,6 +143,7 @@ class HFRolloutEngine:
         *,
         batch_size: int = 64,
         eos_token_ids: Sequence[int] | None = None,
+        packed_weights: bool = True,
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
@@ -154,6 +158,7 @@ class HFRolloutEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.packed_weights = packed_weights
         self.eos_token_ids: tuple[int, ...] = tuple(int(i) for i in eos_token_ids)
         # Rows that finished early are filled with pad after EOS; any id works since the
         # tail is cut at the first EOS, so fall back to EOS when there is no pad token.
@@ -177,7 +182,12 @@ class HFRolloutEngine:
         rows = [list(prompt) for prompt in prompts for _ in range(n)]  # prompt-major
         device = self.model.device
         flat: list[Rollout] = []
-        with _generation_mode(self.model), _seeded(seed, device), torch.no_grad():
+        with (
+            _generation_mode(self.model),
+            _seeded(seed, device),
+            torch.no_grad(),
+            packed_linears(self.model, enabled=self.packed_weights),  # fixed for the call
+        ):
             for start in range(0, len(rows), self.batch_size):
                 flat.extend(self._generate_chunk(rows[start : start + self.batch_size], params))
                 rows_done(len(flat) - start)

@@ -159,6 +159,7 @@ def build_run(
         model_path=weights,
         world_size=dist.world_size,
         seed=config.train.seed,
+        packed_weights=config.model.packed_weights,
     )
     state = TrainerState(step=0, data_position=0, rollout_shards=shards)
     if resume_from is not None:

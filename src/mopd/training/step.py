@@ -18,6 +18,7 @@ holds this process's groups only.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -171,10 +172,14 @@ def train_step(
     student.train()
     parts.optimizer.zero_grad(set_to_none=True)
     scorers = Scorers(student, parts.tokenizer.pad_token_id, parts.teacher, parts.reference)
-    log = run_objective(
-        objective, batch, norms, scorers, temperature=cfg.rollout.temperature,
-        is_clip=cfg.loss.is_clip,
-    )  # fmt: skip
+    with contextlib.ExitStack() as fixed:  # teacher and reference change only in `update`
+        for scorer in (parts.teacher, parts.reference):
+            if scorer is not None:
+                fixed.enter_context(scorer.fixed(packed=cfg.model.packed_weights))
+        log = run_objective(
+            objective, batch, norms, scorers, temperature=cfg.rollout.temperature,
+            is_clip=cfg.loss.is_clip,
+        )  # fmt: skip
     t1 = time.perf_counter()
     # 7. Update, then engines holding their own weights (vLLM) sample from the new ones.
     grad_norm, lr = update(
