@@ -87,7 +87,7 @@ def main() -> None:
     if args.model:
         lengths = [int(x) for x in args.lengths.split(",")]
         rows = logit_differences(args.model, lengths)
-        headers = ["tokens", "mean |Δ logit|", "max |Δ logit|", "mean KL", "same top token"]
+        headers = ["tokens", "mean abs Δ logit", "max abs Δ logit", "mean KL", "same top token"]
         keys = ("tokens", "mean_abs", "max_abs", "mean_kl", "top_agreement")
         data = [dict(zip(keys, row, strict=True)) for row in rows]
         record = {**result, "machine": sysbench.machine(), "rows": data}
