@@ -8,7 +8,6 @@ Commands that load models import torch and transformers lazily, so ``--help`` an
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import sys
@@ -454,10 +453,7 @@ def _analyze(args: argparse.Namespace) -> int:
             seed=args.seed,
             progress="sampling",
         )
-    with contextlib.ExitStack() as frozen:  # neither model changes during the analysis
-        for scorer in (model, teacher):
-            if scorer is not None:
-                frozen.enter_context(packed_linears(scorer))
+    with packed_linears(model, teacher):  # neither model changes during the analysis
         result = analyze_groups(
             model,
             tokenizer,

@@ -92,7 +92,7 @@ def test_generation_on_packed_weights_gives_the_same_rollouts(tokenizer, monkeyp
     assert all("forward" not in m.__dict__ for m in model.modules())
 
 
-def test_a_teacher_is_packed_only_while_fixed(tokenizer, monkeypatch):
+def test_a_teacher_is_packed_only_inside_its_block(tokenizer, monkeypatch):
     from mopd.models.scoring import build_scoring_batch
     from mopd.models.teachers import EmaTeacher
 
@@ -101,7 +101,7 @@ def test_a_teacher_is_packed_only_while_fixed(tokenizer, monkeypatch):
     teacher = EmaTeacher(student, rate=0.05)
     batch = build_scoring_batch([_ids(tokenizer)[0].tolist()], [[11, 12, 13]], 0)
     plain = teacher.logits(batch, student=student)
-    with teacher.fixed():
+    with packed_linears(teacher.model, None):  # as a step holds its teacher (and reference)
         assert "forward" in teacher.model.lm_head.__dict__
         assert "forward" not in student.lm_head.__dict__  # only the teacher's own model
         packed = teacher.logits(batch, student=student)

@@ -74,14 +74,15 @@ def _packed_forward(module: nn.Linear, plain: Any) -> Any:
 
 @contextmanager
 def packed_linears(
-    model: nn.Module, *, enabled: bool = True, min_elements: int | None = None
+    *models: nn.Module | None, enabled: bool = True, min_elements: int | None = None
 ) -> Iterator[int]:
-    """Run `model`'s large bf16 CPU linear layers on packed weights inside the block.
+    """Run the `models`' large bf16 CPU linear layers on packed weights inside the block.
 
     Yields how many layers were packed (0 where packing is off, unavailable or nothing
     qualifies: the block then runs unchanged). The weights must not change inside the
     block; calls with gradients enabled take the plain path. Each module's own forward
-    is put back on exit, also on error. A block inside another packs nothing twice.
+    is put back on exit, also on error. A block inside another packs nothing twice, and
+    a module shared by two models is packed once; absent (None) models are skipped.
     `min_elements`: the smallest weight packed (default `MIN_PACKED_ELEMENTS`).
     """
     if not enabled or not packing_available():
@@ -91,7 +92,8 @@ def packed_linears(
         min_elements = MIN_PACKED_ELEMENTS
     patched: list[tuple[nn.Module, Any]] = []
     try:
-        for module in model.modules():
+        modules = (m for model in models if model is not None for m in model.modules())
+        for module in modules:
             if isinstance(module, nn.Linear) and _packable(module, min_elements):
                 own = module.__dict__.get("forward")  # an instance-level forward, if any
                 module.forward = _packed_forward(module, module.forward)  # type: ignore[method-assign]

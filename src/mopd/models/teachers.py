@@ -51,7 +51,6 @@ import torch
 from torch import Tensor
 
 from mopd.models.lora import effective_parameters, is_adapted, merged_copy, plain_buffers
-from mopd.models.packing import packed_linears
 from mopd.models.scoring import ScoringBatch, output_vocab_size, response_logits
 from mopd.models.sharding import (
     full_state_dict,
@@ -102,7 +101,7 @@ class Teacher(ABC):
     """Source of teacher logits for the distillation loss."""
 
     kind: ClassVar[str]
-    model: Any = None  # the teacher's own model, where it has one
+    model: Any = None  # the teacher's own model (a step packs it: models.packing)
 
     @abstractmethod
     def logits(
@@ -112,14 +111,6 @@ class Teacher(ABC):
 
     def update(self, student: PreTrainedModel) -> None:  # noqa: B027 - default is a no-op
         """Follow the student after an optimizer step (no-op unless the kind says so)."""
-
-    def fixed(self, *, packed: bool = True) -> contextlib.AbstractContextManager[Any]:
-        """A block in which the teacher's weights do not change (one step's scoring):
-        with `packed`, its own model runs on packed weights where that is faster
-        (:mod:`mopd.models.packing`)."""
-        if self.model is None:
-            return contextlib.nullcontext()
-        return packed_linears(self.model, enabled=packed)
 
     @abstractmethod
     def state_dict(self) -> dict[str, Tensor]:

@@ -18,7 +18,6 @@ holds this process's groups only.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -31,6 +30,7 @@ from mopd.collect.contexts import TeacherInput
 from mopd.collect.shards import ShardSamples, sample_local_shards
 from mopd.config import Config
 from mopd.core.token_loss import engine_agreement
+from mopd.models.packing import packed_linears
 from mopd.models.teachers import Teacher
 from mopd.objectives import Objective, Scorers, StepBatch, StepLog, StudentForward, assemble_batch
 from mopd.rollout.base import RolloutEngine
@@ -172,10 +172,8 @@ def train_step(
     student.train()
     parts.optimizer.zero_grad(set_to_none=True)
     scorers = Scorers(student, parts.tokenizer.pad_token_id, parts.teacher, parts.reference)
-    with contextlib.ExitStack() as fixed:  # teacher and reference change only in `update`
-        for scorer in (parts.teacher, parts.reference):
-            if scorer is not None:
-                fixed.enter_context(scorer.fixed(packed=cfg.model.packed_weights))
+    fixed = [s.model for s in (parts.teacher, parts.reference) if s is not None]
+    with packed_linears(*fixed, enabled=cfg.model.packed_weights):  # they change in `update`
         log = run_objective(
             objective, batch, norms, scorers, temperature=cfg.rollout.temperature,
             is_clip=cfg.loss.is_clip,
