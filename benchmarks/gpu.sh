@@ -5,6 +5,7 @@
 #
 #   benchmarks/gpu.sh [OUT_DIR]           default: $OUT, else benchmarks/results/systems-gpu
 #   DEVICE=cpu benchmarks/gpu.sh /tmp/x   the same scripts on CPU, to check them
+#   TOKENIZER=DIR benchmarks/gpu.sh       a saved copy of that tokenizer (no packaged GGUF needed)
 #
 # Needs the project installed (`make install`; `pip install -e ".[bench]"` for TRL).
 set -euo pipefail
@@ -14,7 +15,7 @@ DEVICE=${DEVICE:-cuda}
 PY=${PYTHON:-.venv/bin/python}
 mkdir -p "$DIR"
 MODEL="$DIR/tiny-model"
-$PY benchmarks/tiny_model.py "$MODEL"
+$PY benchmarks/tiny_model.py "$MODEL" --tokenizer "${TOKENIZER:-packaged:smollm2-135m-instruct}"
 { nvidia-smi || true; uptime; } > "$DIR/machine.txt" 2>&1
 VARIANTS=grpo,mopd
 if $PY -c "import trl" 2>/dev/null; then VARIANTS=grpo,mopd,trl-sdpo; fi

@@ -42,9 +42,14 @@ def make_parity_task(**options: int) -> ParityTask:
 
 
 def tiny_run_overrides(output_dir: object, model_dir: object) -> list[str]:
-    """Overrides for a seconds-long run of a tiny model on the parity task."""
+    """Overrides for a seconds-long run of a tiny model on the parity task.
+
+    On the CPU also where CUDA is present: these runs are compared with CPU tensors and
+    CPU-only paths; the CUDA tests (tests/gpu) override the device.
+    """
     return [
         f"model.name={model_dir}",
+        "model.device=cpu",
         "task.name=tasks_for_tests:make_parity_task",
         "rollout.n=4",
         "rollout.max_new_tokens=8",

@@ -32,7 +32,7 @@ class RewardWeightedNll(Objective):
     def loss(
         self, forward: StudentForward, norms: Mapping[str, float], scorers: Scorers, log: StepLog
     ) -> torch.Tensor:
-        reward_B1 = torch.tensor([[r.reward] for r in forward.rows])
+        reward_B1 = forward.logprobs().new_tensor([[r.reward] for r in forward.rows])
         per_tok_BR = -reward_B1 * forward.logprobs()
         loss = aggregate(per_tok_BR, forward.mask_BR, "token-mean", denominator=norms["tokens"])
         log.losses[self.name] += float(loss.detach())

@@ -224,3 +224,15 @@ def test_prompts_not_divisible_by_process_count_is_a_config_error():
         local_shards(6, 3, 2, 1)
     with pytest.raises(ConfigError, match=re.escape("train.rollout_shards")):
         load_config("demo", ["train.prompts_per_step=4", "train.rollout_shards=3"])
+
+
+@pytest.mark.unit
+def test_more_processes_than_cuda_devices_is_a_config_error(monkeypatch):
+    from mopd.training.distributed import init_distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match=re.escape("LOCAL_RANK=1 needs CUDA device 1")):
+        init_distributed("cuda", timeout_minutes=1)

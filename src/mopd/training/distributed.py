@@ -196,6 +196,12 @@ def init_distributed(device_type: str, *, timeout_minutes: float) -> Distributed
         if not torch_dist.is_available():
             raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
         if device_type == "cuda":
+            if local >= torch.cuda.device_count():  # else a bare "invalid device ordinal"
+                raise ConfigError(
+                    f"process with LOCAL_RANK={local} needs CUDA device {local}, but this "
+                    f"machine has {torch.cuda.device_count()}: launch at most that many "
+                    "processes per node, or set model.device=cpu"
+                )
             torch.cuda.set_device(local)
         torch_dist.init_process_group(
             backend="nccl" if device_type == "cuda" else "gloo",
