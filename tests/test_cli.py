@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -273,3 +274,31 @@ def test_an_interrupt_outside_the_training_loop_is_one_line_exit_130(monkeypatch
     assert main(["report", "somewhere"]) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["mopd: interrupted (work since the last checkpoint is lost)"]
+
+
+@pytest.mark.integration
+def test_eval_of_a_lora_run_evaluates_each_adapter_as_trained(tmp_path, tiny_model_dir, capsys):
+    pytest.importorskip("peft")
+    import json
+
+    from tasks_for_tests import tiny_run_overrides
+
+    lora = ["model.lora.r=4", "model.lora.alpha=8", "model.lora.target_modules=[q_proj,v_proj]"]
+    overrides = [*tiny_run_overrides(tmp_path, tiny_model_dir), *lora, "logging.run_name=lora"]
+    extra = ["eval.every=1", "train.checkpoint_every=1", "train.keep_checkpoints=2"]
+    assert main(["train", *overrides, *extra, "model.dtype=bfloat16", "optim.lr=5e-2"]) == 0
+    run = tmp_path / "lora"
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run), "--output", str(tmp_path / "run.json")]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    trained = {r["step"]: r["eval/mean@2"] for r in rows if "eval/mean@2" in r}
+    results = json.loads((tmp_path / "run.json").read_text())["results"]
+    # Both checkpoints, the periodic one (adapter only) too, on the run's own base model:
+    # each reproduces the in-training evaluation of that step.
+    assert [(r["step"], Path(r["model"]).name) for r in results] == [(1, "adapter"), (2, "adapter")]
+    assert {r["step"]: r["metrics"]["eval/mean@2"] for r in results} == {
+        s: trained[s] for s in (1, 2)
+    }
+    # An adapter folder given as --model loads on the base it names.
+    assert main(["eval", "--model", results[1]["model"], "--task", "tasks_for_tests:make_parity_task",
+                 "--k", "2", "--max-new-tokens", "8", "--dtype", "bfloat16"]) == 0  # fmt: skip

@@ -237,16 +237,33 @@ def _task_options(options: Sequence[str]) -> dict[str, object]:
     return dict(load_config(None, [f"task.options.{o}" for o in options]).task.options)
 
 
-def _eval_models(args: argparse.Namespace) -> list[tuple[str, int | None]]:
-    """(model, step) pairs: --model values, then the checkpoints of --run by step."""
-    models: list[tuple[str, int | None]] = [(m, None) for m in args.model]
-    if args.run is not None:
-        found = sorted((args.run / "checkpoints").glob("step-*/student"))
-        if not found:
-            raise ConfigError(f"--run {args.run}: no checkpoints/step-*/student folders in it")
-        models += [(str(p), int(p.parent.name.removeprefix("step-"))) for p in found]
-    if not models:
+def _eval_models(args: argparse.Namespace) -> list[tuple[str, int | None, str | None]]:
+    """(model, step, base) triples: --model values, then the checkpoints of --run by step.
+
+    `base` is set for a LoRA adapter folder: the student is that base with the adapter
+    on top, exactly as trained (the merged ``student/`` copy rounds the update to the
+    weights' dtype). --run takes each checkpoint's ``adapter/`` where it has one, so
+    a LoRA run's periodic checkpoints are evaluated too, on the run's own base model.
+    """
+    if not args.model and args.run is None:
         raise ConfigError("mopd eval needs --model PATH (repeatable) or --run RUN_DIR")
+    from mopd.models.lora import adapter_base_name, is_adapter_dir
+
+    models: list[tuple[str, int | None, str | None]] = [
+        (m, None, adapter_base_name(m) if is_adapter_dir(m) else None) for m in args.model
+    ]
+    if args.run is not None:
+        base = load_saved_config(args.run / "config.yaml").model.name
+        for folder in sorted((args.run / "checkpoints").glob("step-*")):
+            step = int(folder.name.removeprefix("step-"))
+            if is_adapter_dir(folder / "adapter"):
+                models.append((str(folder / "adapter"), step, base))
+            elif (folder / "student").is_dir():
+                models.append((str(folder / "student"), step, None))
+        if len(models) == len(args.model):
+            raise ConfigError(
+                f"--run {args.run}: no checkpoints/step-*/student or adapter folders in it"
+            )
     return models
 
 
@@ -295,6 +312,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     from mopd.evaluation.evaluate import eval_metrics, sample_and_verify, summarize_samples
     from mopd.models.loading import load_model, load_tokenizer
+    from mopd.models.lora import load_adapted
     from mopd.reporting.report import summary_table
     from mopd.rollout.base import SamplingParams
     from mopd.rollout.hf import HFRolloutEngine
@@ -309,9 +327,11 @@ def _eval(args: argparse.Namespace) -> int:
     table: list[list[str]] = []
     # pass@1 is in the .md file: with 0/1 rewards it repeats mean@k.
     names = [f"mean@{args.k}", *([f"pass@{args.k}"] if args.k > 1 else [])]
-    for model_name, step in models:
-        tokenizer = load_tokenizer(model_name)
-        model = load_model(model_name, dtype=args.dtype)
+    for model_name, step, base in models:
+        tokenizer = load_tokenizer(base or model_name)  # an adapter keeps its base's
+        model = load_model(base or model_name, dtype=args.dtype)
+        if base is not None:
+            model = load_adapted(model_name, model)
         engine = HFRolloutEngine(model, tokenizer, batch_size=args.batch_size)
         if not results:  # once a model is found: what the numbers below were made with
             print(used, file=sys.stderr)

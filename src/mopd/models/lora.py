@@ -29,6 +29,7 @@ only when adapters are used.
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -36,6 +37,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+from mopd.errors import UnusableModelError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -164,6 +167,34 @@ def plain_buffers(model: Any) -> Iterator[tuple[str, Tensor]]:
     """The student's buffers under plain-model names (PEFT's ``.base_layer`` removed)."""
     for name, buffer in base_model(model).named_buffers():
         yield name.replace(BASE_LAYER + ".", "."), buffer
+
+
+ADAPTER_CONFIG = "adapter_config.json"  # what marks a folder as a saved adapter
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    """Whether `path` is a saved PEFT adapter folder (a checkpoint's ``adapter/``)."""
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def load_adapted(adapter_dir: str | Path, base: Any) -> Any:
+    """The student a LoRA checkpoint holds: `base` (a loaded plain model, frozen) with the
+    adapter of `adapter_dir` on top, in eval mode. Unlike the merged copy, which rounds
+    ``W + s·B·A`` to the weights' dtype, this computes what training computed."""
+    peft = _peft()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        return peft.PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+
+
+def adapter_base_name(adapter_dir: str | Path) -> str:
+    """The base model an adapter was saved on top of (PEFT's ``base_model_name_or_path``)."""
+    name = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text()).get(
+        "base_model_name_or_path"
+    )
+    if not name:
+        raise UnusableModelError(f"{adapter_dir}/{ADAPTER_CONFIG} names no base model")
+    return str(name)
 
 
 def merged_copy(model: Any) -> PreTrainedModel:
