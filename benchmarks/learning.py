@@ -17,7 +17,8 @@ Round 1 (8 steps, the loss at temperature 1, the mix weighting bug) is kept in
 `results/learning/` and the script that made it in git history.
 
 The benchmark is a list of runs, each a `mopd train` followed by a `mopd eval` of its
-final checkpoint on the test split, in its own process. A finished run leaves a small
+final checkpoint on the test split (a LoRA run's adapter on its base model, exactly the
+trained student), in its own process. A finished run leaves a small
 record in `benchmarks/results/<round folder>/<setting>/<run>.json` (kept in git); anything
 without a record is (re)started, from its last checkpoint when there is one. So it can be
 stopped at any time and continued later, in as many parts as needed:
@@ -540,8 +541,12 @@ def execute(run: Run) -> None:
             data = {"train_wall_s": wall, "validation": curve, "train_means": means}
             trained.write_text(json.dumps(data))
         record.update(json.loads(trained.read_text()))
-        final = run.run_dir / "checkpoints" / "latest"
-        model = str(run.run_dir / "checkpoints" / final.read_text().strip() / "student")
+        latest = (run.run_dir / "checkpoints" / "latest").read_text().strip()
+        final = run.run_dir / "checkpoints" / latest
+        # A LoRA student is tested as trained, adapter on its base: the merged bf16 copy
+        # rounds W + s·B·A and drops most of a short run's update (docs/benchmarks.md).
+        model = str(final / "adapter" if (final / "adapter").is_dir() else final / "student")
+        record["test_model"] = Path(model).name
     record["test_wall_s"], record["test"] = _test_eval(run, model)
     record["load_average"] = os.getloadavg()
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)

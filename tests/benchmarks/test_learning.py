@@ -325,3 +325,21 @@ def test_test_split_task_options_reach_the_task_as_written(learning):
 
     options = _task_options(learning._test_task_options("arith")[1:])
     assert options["operators"] == "*" and options["digits"] == 2
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_a_run_is_tested_on_its_adapter_when_it_has_one(learning, monkeypatch, tmp_path, lora):
+    monkeypatch.setattr(learning, "RUNS", tmp_path / "runs")
+    run = learning.Run("arith", "grpo", 1e-4, 0)
+    final = run.run_dir / "checkpoints" / "step-000024"
+    (final / "student").mkdir(parents=True)
+    if lora:
+        (final / "adapter").mkdir()
+    (run.run_dir / "checkpoints" / "latest").write_text("step-000024\n")
+    monkeypatch.setattr(learning, "_train", lambda r: (1.0, [], {}))
+    tested = []
+    monkeypatch.setattr(learning, "_test_eval", lambda r, m: tested.append(m) or (2.0, {}))
+    learning.execute(run)
+    record = json.loads(run.record.read_text())
+    assert tested == [str(final / ("adapter" if lora else "student"))]
+    assert record["test_model"] == ("adapter" if lora else "student")
