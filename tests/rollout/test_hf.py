@@ -264,3 +264,22 @@ def test_sampling_params_reject_wrong_types():
     with pytest.raises(TypeError, match=r"SamplingParams\.temperature"):
         SamplingParams(temperature="1")  # type: ignore[arg-type]
     assert SamplingParams() == SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=256)
+
+
+def test_draw_follows_the_distribution_and_never_draws_a_zero():
+    from mopd.rollout.hf import draw
+
+    probs = torch.tensor([0.5, 0.0, 0.3, 1e-3, 0.199, 0.0])
+    rows = 200_000
+    logp = probs.log().expand(rows, -1).contiguous()
+    torch.manual_seed(0)
+    counts = torch.bincount(draw(logp), minlength=len(probs)).double() / rows
+    assert counts[1] == 0 and counts[5] == 0  # zero probability: never, at either end
+    sigma = (probs.double() * (1 - probs.double()) / rows).sqrt()
+    assert ((counts - probs.double()).abs() <= 5 * sigma + 1e-12).all(), counts
+    # One certain token among 152k of probability e-40 each: drawn every time.
+    tiny = torch.full((151_936,), -40.0)
+    tiny[7] = 0.0
+    tiny = tiny.log_softmax(-1).expand(4, -1)
+    torch.manual_seed(1)
+    assert draw(tiny).tolist() == [7, 7, 7, 7]

@@ -5,19 +5,22 @@ Every prompt is repeated `n` times and the P*n rows are generated in chunks of
 continue from the right edge; the attention mask hides the padding and `generate`
 derives position ids from it).
 
-Sampling-distribution log-probs. `generate` runs its logits processors and then samples
-from `softmax` of their output, so the log-softmax of the processed scores at the chosen
-token is exactly the sampling log-prob. `output_scores=True` would keep those scores for
-every step: T x rows x V floats (64 rows x 256 tokens x 49k vocab is 3 GB; the paper's
-4096-token responses with a 152k vocabulary would not fit anywhere). Instead, the last
-processor in the list, `_SampledLogprobRecorder`, keeps one step's log-softmax and
-gathers it at the token that the next call sees appended to `input_ids`; the final step
-is gathered after `generate` returns. Memory is rows x V, independent of length.
+Sampling and its log-probs. The last logits processor, `_InverseCdfSampler`, draws the
+token itself: one uniform number per row against the cumulative sum (float64) of the
+softmax of the processed scores, an exact draw from that distribution. It returns
+scores that are -inf everywhere but at the drawn token, and `generate` runs greedy, so
+its argmax takes that token. `generate`'s own sampling, `torch.multinomial`, draws one
+exponential number per vocabulary entry and row: at a 152k vocabulary on a CPU that was
+40 ms of a 400 ms decoding step (docs/benchmarks.md). The log-softmax of the processed
+scores at the drawn token is exactly the sampling log-prob; `output_scores=True` would
+keep those scores for every step (T x rows x V floats: 64 rows x 256 tokens x 49k vocab
+is 3 GB), so the sampler keeps one step's log-softmax and gathers it at the token that
+the next call sees appended to `input_ids`; the final step is gathered after `generate`
+returns. Memory is rows x V, independent of length.
 
-Because custom processors run *before* the ones `generate` builds from its config, the
-temperature and top-p warpers are passed explicitly (transformers' own classes, so the
-distribution is the one `generate` would use) and the config turns its own warpers off:
-temperature 1, top-p 1, top-k 0.
+The temperature and top-p warpers run ahead of the sampler (transformers' own classes,
+so the distribution is the one `generate` would sample from); in greedy mode `generate`
+adds no warpers of its own.
 
 Nothing is inherited from the model. `generate` fills every unset field of the config
 it is given from `model.generation_config` (a checkpoint's top_k=20 or
@@ -25,9 +28,9 @@ repetition_penalty=1.1 would leak into sampling and make the reported log-probs 
 so during the call the model's `generation_config` is swapped for a blank one and put
 back afterwards, together with its train/eval mode.
 
-Seeding. `generate` draws from torch's global generators. The engine forks the RNG state
-of the CPU and of the model's device, seeds both with `seed`, generates, and restores
-the caller's state: same seed + same weights + same prompts, `n`, params and `batch_size`
+Seeding. The sampler draws from torch's global generator of the model's device. The
+engine forks the RNG state of the CPU and of the model's device, seeds both with `seed`,
+generates, and restores the caller's state: same seed + same weights + same prompts, `n`, params and `batch_size`
 -> identical rollouts, and the caller's own random stream is untouched. The chunking is
 part of the recipe: a different `batch_size` consumes the stream in a different order.
 """
@@ -54,10 +57,11 @@ from mopd.types import Rollout
 __all__ = ["HFRolloutEngine"]
 
 
-class _SampledLogprobRecorder(LogitsProcessor):
-    """Records log p(chosen token) under the final processed scores, one step behind.
+class _InverseCdfSampler(LogitsProcessor):
+    """Draws each row's token from softmax(scores) and records its log-prob, one step behind.
 
-    Must be the last processor: its input is then exactly what `generate` samples from.
+    Must be the last processor: its input is then the distribution to sample from. Its
+    output leaves only the drawn token finite, for `generate`'s greedy choice.
     """
 
     def __init__(self) -> None:
@@ -66,10 +70,12 @@ class _SampledLogprobRecorder(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.pending_RV is not None:
-            # input_ids now ends with the token sampled from the previous step's scores.
+            # input_ids now ends with the token drawn from the previous step's scores.
             self.logprobs.append(self._gather(input_ids[:, -1]))
         self.pending_RV = torch.log_softmax(scores.float(), dim=-1)  # (rows, V)
-        return scores
+        tokens_R = draw(self.pending_RV)
+        chosen_RV = torch.full_like(scores, float("-inf"))
+        return chosen_RV.scatter_(1, tokens_R[:, None], 0.0)  # type: ignore[return-value]
 
     def _gather(self, tokens_R: torch.Tensor) -> torch.Tensor:
         assert self.pending_RV is not None
@@ -82,6 +88,18 @@ class _SampledLogprobRecorder(LogitsProcessor):
             self.logprobs.append(self._gather(generated_RT[:, len(self.logprobs)]))
         self.pending_RV = None
         return torch.stack(self.logprobs[:steps], dim=1)  # (rows, T)
+
+
+def draw(logprobs_RV: torch.Tensor) -> torch.Tensor:
+    """One token per row from exp(logprobs): the first index whose cumulative probability
+    exceeds a uniform draw (float64 sums, so even a 1e-12 token keeps its share; a token
+    of probability 0 is never drawn). Uses the global generator of the tensor's device."""
+    cdf_RV = logprobs_RV.exp().cumsum(dim=-1, dtype=torch.float64)
+    u_R1 = (
+        torch.rand((cdf_RV.shape[0], 1), dtype=torch.float64, device=cdf_RV.device) * cdf_RV[:, -1:]
+    )
+    tokens_R = torch.searchsorted(cdf_RV, u_R1, right=True).squeeze(-1)
+    return tokens_R.clamp_(max=cdf_RV.shape[-1] - 1)
 
 
 @contextmanager
@@ -202,19 +220,15 @@ class HFRolloutEngine:
             input_ids_RL[r, width - len(row) :] = torch.tensor(row, dtype=torch.long)
             attention_mask_RL[r, width - len(row) :] = 1
 
-        recorder = _SampledLogprobRecorder()
+        sampler = _InverseCdfSampler()
         processors = LogitsProcessorList()
         if params.temperature != 1.0:
             processors.append(TemperatureLogitsWarper(params.temperature))
         if params.top_p < 1.0:
             processors.append(TopPLogitsWarper(params.top_p))
-        processors.append(recorder)
+        processors.append(sampler)
         config = GenerationConfig(
-            do_sample=True,
-            # Warpers are in `processors`; neutral values keep `generate` from adding its own.
-            temperature=1.0,
-            top_p=1.0,
-            top_k=0,
+            do_sample=False,  # the sampler has drawn: greedy takes its only finite entry
             repetition_penalty=1.0,
             max_new_tokens=params.max_new_tokens,
             eos_token_id=list(self.eos_token_ids),
@@ -231,7 +245,7 @@ class HFRolloutEngine:
             logits_processor=processors,
         )
         generated_RT = out.sequences[:, width:]  # (rows, T), T <= max_new_tokens
-        logprobs_RT = recorder.finish(generated_RT)
+        logprobs_RT = sampler.finish(generated_RT)
         return [
             self._to_rollout(tokens, logprobs)
             for tokens, logprobs in zip(generated_RT.tolist(), logprobs_RT.tolist(), strict=True)
