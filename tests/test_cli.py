@@ -302,3 +302,21 @@ def test_eval_of_a_lora_run_evaluates_each_adapter_as_trained(tmp_path, tiny_mod
     # An adapter folder given as --model loads on the base it names.
     assert main(["eval", "--model", results[1]["model"], "--task", "tasks_for_tests:make_parity_task",
                  "--k", "2", "--max-new-tokens", "8", "--dtype", "bfloat16"]) == 0  # fmt: skip
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ('{"base_model_name_or_path": "/nowhere/base"}', "its base model '/nowhere/base'"),
+        ("{not json", "is not a readable adapter config"),
+    ],
+)
+def test_an_adapter_with_a_missing_base_or_a_broken_config_is_one_line(
+    tmp_path, monkeypatch, capsys, config, message
+):
+    _no_model_loads(monkeypatch)
+    (tmp_path / "adapter_config.json").write_text(config)
+    assert main(["eval", "--model", str(tmp_path), "--max-prompts", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

@@ -248,13 +248,21 @@ def _eval_models(args: argparse.Namespace) -> list[tuple[str, int | None, str | 
     if not args.model and args.run is None:
         raise ConfigError("mopd eval needs --model PATH (repeatable) or --run RUN_DIR")
     from mopd.models.lora import adapter_base_name, is_adapter_dir
+    from mopd.training.checkpoint import is_complete
 
-    models: list[tuple[str, int | None, str | None]] = [
-        (m, None, adapter_base_name(m) if is_adapter_dir(m) else None) for m in args.model
-    ]
+    models: list[tuple[str, int | None, str | None]] = []
+    for name in args.model:
+        base = adapter_base_name(name) if is_adapter_dir(name) else None
+        if base is not None and Path(base).is_absolute() and not Path(base).exists():
+            raise ModelNotFoundError(
+                f"{name}: its base model {base!r} (adapter_config.json) does not exist here"
+            )
+        models.append((name, None, base))
     if args.run is not None:
         base = load_saved_config(args.run / "config.yaml").model.name
         for folder in sorted((args.run / "checkpoints").glob("step-*")):
+            if not is_complete(folder):  # being written or pruned
+                continue
             step = int(folder.name.removeprefix("step-"))
             if is_adapter_dir(folder / "adapter"):
                 models.append((str(folder / "adapter"), step, base))
@@ -274,8 +282,10 @@ def _eval_settings(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 
     fallback, source = dict(EVAL_DEFAULTS), "defaults"
     options = _task_options(args.options)
+    args.cache_dir, args.packed_weights = None, True  # how models load and sample
     if args.run is not None:
         cfg = load_saved_config(args.run / "config.yaml")
+        args.cache_dir, args.packed_weights = cfg.model.cache_dir, cfg.model.packed_weights
         fallback.update(
             k=cfg.eval.k,
             temperature=cfg.eval.temperature,
@@ -328,11 +338,14 @@ def _eval(args: argparse.Namespace) -> int:
     # pass@1 is in the .md file: with 0/1 rewards it repeats mean@k.
     names = [f"mean@{args.k}", *([f"pass@{args.k}"] if args.k > 1 else [])]
     for model_name, step, base in models:
-        tokenizer = load_tokenizer(base or model_name)  # an adapter keeps its base's
-        model = load_model(base or model_name, dtype=args.dtype)
+        # An adapter keeps its base's tokenizer.
+        tokenizer = load_tokenizer(base or model_name, cache_dir=args.cache_dir)
+        model = load_model(base or model_name, dtype=args.dtype, cache_dir=args.cache_dir)
         if base is not None:
             model = load_adapted(model_name, model)
-        engine = HFRolloutEngine(model, tokenizer, batch_size=args.batch_size)
+        engine = HFRolloutEngine(
+            model, tokenizer, batch_size=args.batch_size, packed_weights=args.packed_weights
+        )
         if not results:  # once a model is found: what the numbers below were made with
             print(used, file=sys.stderr)
         samples = {

@@ -283,3 +283,13 @@ def test_draw_follows_the_distribution_and_never_draws_a_zero():
     tiny = tiny.log_softmax(-1).expand(4, -1)
     torch.manual_seed(1)
     assert draw(tiny).tolist() == [7, 7, 7, 7]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_draw_refuses_scores_that_are_not_a_distribution(bad):
+    from mopd.rollout.hf import draw
+
+    logp = torch.log_softmax(torch.zeros(2, 5), -1)
+    logp[1] = bad
+    with pytest.raises(FloatingPointError, match="NaN, infinite or all -inf"):
+        draw(logp)

@@ -189,9 +189,11 @@ def load_adapted(adapter_dir: str | Path, base: Any) -> Any:
 
 def adapter_base_name(adapter_dir: str | Path) -> str:
     """The base model an adapter was saved on top of (PEFT's ``base_model_name_or_path``)."""
-    name = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text()).get(
-        "base_model_name_or_path"
-    )
+    path = Path(adapter_dir) / ADAPTER_CONFIG
+    try:
+        name = json.loads(path.read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError) as err:
+        raise UnusableModelError(f"{path} is not a readable adapter config: {err}") from err
     if not name:
         raise UnusableModelError(f"{adapter_dir}/{ADAPTER_CONFIG} names no base model")
     return str(name)

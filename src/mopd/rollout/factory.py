@@ -18,7 +18,7 @@ ROUNDED_PUSH = (
     "rollout.engine=vllm with a {dtype} LoRA student: vLLM receives the merged weights "
     "W + s·B·A in {dtype}, which round updates below a weight's rounding step away, so it "
     "samples from behind the student (see rollout/logprob_mismatch); model.dtype=float32 "
-    "or rollout.engine=hf samples the student exactly"
+    "avoids the rounding, and rollout.engine=hf samples the student itself"
 )
 
 
@@ -27,8 +27,12 @@ def rounds_merged_updates(student: Any) -> bool:
     on 16-bit base weights (a merged weight is stored at 8 or 11 significant bits)."""
     from mopd.models.lora import is_adapted
 
-    dtype = next(p.dtype for p in student.parameters())
-    return is_adapted(student) and dtype in (torch.bfloat16, torch.float16)
+    if not is_adapted(student):
+        return False
+    from peft.tuners.lora import LoraLayer
+
+    layer = next(m for m in student.modules() if isinstance(m, LoraLayer))
+    return layer.get_base_layer().weight.dtype in (torch.bfloat16, torch.float16)
 
 
 def build_engine(

@@ -93,13 +93,22 @@ class _InverseCdfSampler(LogitsProcessor):
 def draw(logprobs_RV: torch.Tensor) -> torch.Tensor:
     """One token per row from exp(logprobs): the first index whose cumulative probability
     exceeds a uniform draw (float64 sums, so even a 1e-12 token keeps its share; a token
-    of probability 0 is never drawn). Uses the global generator of the tensor's device."""
+    of probability 0 is never drawn). Uses the global generator of the tensor's device;
+    on a device without float64 (MPS) the draw runs on the CPU's."""
+    device = logprobs_RV.device
+    if device.type == "mps":
+        logprobs_RV = logprobs_RV.cpu()
     cdf_RV = logprobs_RV.exp().cumsum(dim=-1, dtype=torch.float64)
-    u_R1 = (
-        torch.rand((cdf_RV.shape[0], 1), dtype=torch.float64, device=cdf_RV.device) * cdf_RV[:, -1:]
-    )
+    total_R1 = cdf_RV[:, -1:]
+    if not (torch.isfinite(total_R1).all() and (total_R1 > 0).all()):
+        raise FloatingPointError(
+            "sampling: a row of next-token scores is NaN, infinite or all -inf "
+            "(a model overflowing in its dtype, or broken weights)"
+        )
+    u_R1 = torch.rand(total_R1.shape, dtype=torch.float64, device=cdf_RV.device) * total_R1
+    # u < total, so some entry exceeds it; the clamp only guards the last rounding step.
     tokens_R = torch.searchsorted(cdf_RV, u_R1, right=True).squeeze(-1)
-    return tokens_R.clamp_(max=cdf_RV.shape[-1] - 1)
+    return tokens_R.clamp_(max=cdf_RV.shape[-1] - 1).to(device)
 
 
 @contextmanager

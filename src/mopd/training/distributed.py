@@ -196,7 +196,7 @@ def init_distributed(device_type: str, *, timeout_minutes: float) -> Distributed
         if not torch_dist.is_available():
             raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
         if device_type == "cuda":
-            if local >= torch.cuda.device_count():  # else a bare "invalid device ordinal"
+            if not 0 <= local < torch.cuda.device_count():  # else "invalid device ordinal"
                 raise ConfigError(
                     f"process with LOCAL_RANK={local} needs CUDA device {local}, but this "
                     f"machine has {torch.cuda.device_count()}: launch at most that many "
