@@ -95,13 +95,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from peft import PeftModel
-
     from mopd.models.loading import load_model, load_tokenizer
+    from mopd.models.lora import load_adapted
 
     tokenizer = load_tokenizer(args.model)
-    live = PeftModel.from_pretrained(load_model(args.model, dtype=args.dtype), str(args.adapter))
-    live.eval()
+    live = load_adapted(args.adapter, load_model(args.model, dtype=args.dtype))
     merged = load_model(args.model, dtype=args.dtype).eval()
     wrows = merge_into(live, merged)
 
