@@ -118,3 +118,105 @@ def test_a_nested_block_packs_nothing_twice(tokenizer):
         assert model.lm_head.forward is packed_forward
     assert outer > 0 and inner == 0
     assert "forward" not in model.lm_head.__dict__
+
+
+# ---------------------------------------------------------------- LoRA layers, fused
+
+
+def _bf16_lora_model(tokenizer, b_scale=0.05):
+    from mopd.models.lora import add_lora
+
+    model = add_lora(
+        _bf16_model(tokenizer), r=4, alpha=8.0, target_modules=["q_proj", "v_proj", "down_proj"]
+    )
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # B = 0 at init: give the adapters something to say
+                param.copy_(torch.randn(param.shape, generator=generator) * b_scale)
+    return model.eval()
+
+
+def _lora_layers(model):
+    return [m for m in model.modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
+
+
+def test_lora_layers_run_fused_and_give_peft_logits_up_to_bf16_rounding(tokenizer, monkeypatch):
+    model, ids = _bf16_lora_model(tokenizer), _ids(tokenizer)
+    calls = []
+    original = torch.nn.functional.linear
+    with torch.no_grad():
+        plain = model(ids).logits
+        with packed_linears(model, min_elements=0) as n:
+            layers = _lora_layers(model)
+            assert all(hasattr(m.forward, "fused_base") for m in layers)
+            assert all("forward" not in m.base_layer.__dict__ for m in layers)  # not run
+            monkeypatch.setattr(
+                torch.nn.functional, "linear", lambda *a: calls.append(1) or original(*a)
+            )
+            fused = model(ids).logits
+    # 6 LoRA layers fused; the tiny model's other linears (k, o, gate, up, head) packed
+    assert n == len(layers) + 2 * 4 + 1 and len(layers) == 6
+    assert len(calls) == len(layers)  # u = A·x; the rest went through the packed product
+    _assert_bf16_close(fused, plain)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_a_fused_lora_layer_rounds_the_exact_sum_once(tokenizer):
+    """The fused product rounds ``W·x + b + s·B·A·x`` to bf16 once; PEFT's path rounds
+    ``W·x + b`` first, and a merged bf16 copy rounds the update into the weight."""
+    model = _bf16_lora_model(tokenizer, b_scale=1e-3)
+    layer = _lora_layers(model)[-1]  # a down_proj
+    base = layer.base_layer
+    x = torch.randn(256, base.in_features, generator=torch.Generator().manual_seed(2))
+    x = x.to(torch.bfloat16)
+    a, b = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+    update = layer.scaling["default"] * b @ a
+    weight = base.weight.double()
+    exact = (x.double() @ (weight + update).T).to(torch.bfloat16)
+    merged = (x.double() @ (weight + update).to(torch.bfloat16).double().T).to(torch.bfloat16)
+    with torch.no_grad():
+        peft = layer(x)
+        with packed_linears(model, min_elements=0):
+            fused = layer(x)
+
+    def agree(y):
+        return (y == exact).float().mean().item()
+
+    assert agree(fused) > 0.99
+    assert agree(fused) > agree(peft) and agree(fused) > agree(merged)
+
+
+def test_fused_lora_steps_aside_for_gradients_and_dropout(tokenizer):
+    model, ids = _bf16_lora_model(tokenizer), _ids(tokenizer)
+    layer = _lora_layers(model)[0]
+    with packed_linears(model, min_elements=0):
+        fused_forward = layer.forward
+        model(ids).logits.float().sum().backward()  # grad enabled: PEFT's path
+    assert layer.lora_B["default"].weight.grad is not None
+    layer.lora_dropout["default"] = nn.Dropout(0.5)
+    model.train()
+    with packed_linears(model, min_elements=0):
+        assert layer.forward is not fused_forward and not hasattr(layer.forward, "fused_base")
+        assert "forward" in layer.base_layer.__dict__  # packed as a plain linear instead
+
+
+def test_a_nested_block_leaves_a_fused_lora_layer_and_its_base_alone(tokenizer):
+    model = _bf16_lora_model(tokenizer)
+    layer = _lora_layers(model)[0]
+    with packed_linears(model, min_elements=0) as outer:
+        fused_forward = layer.forward
+        with packed_linears(model, min_elements=0) as inner:
+            assert layer.forward is fused_forward
+            assert "forward" not in layer.base_layer.__dict__
+    assert outer > 0 and inner == 0
+
+
+def test_fuse_lora_false_packs_the_base_layers_and_an_inner_block_keeps_that(tokenizer):
+    model = _bf16_lora_model(tokenizer)
+    layer = _lora_layers(model)[0]
+    with packed_linears(model, min_elements=0, fuse_lora=False):
+        assert "forward" not in layer.__dict__ and "forward" in layer.base_layer.__dict__
+        with packed_linears(model, min_elements=0) as inner:  # as an engine's own block
+            assert "forward" not in layer.__dict__
+    assert inner == 0

@@ -123,6 +123,34 @@ def _lora_delta(module: Any, weight: Tensor, dtype: torch.dtype | None = None) -
     return out
 
 
+def computes_plain_lora(module: Any) -> bool:
+    """Whether `module` is a PEFT LoRA layer computing ``W·x + Σ s·B·A·x`` right now:
+    not merged, not disabled, no variant such as DoRA, no active dropout, an adapter on.
+    Checked without importing PEFT; cheap enough to ask on every forward."""
+    lora_a = getattr(module, "lora_A", None)
+    if lora_a is None or not hasattr(module, "lora_B") or not hasattr(module, "get_base_layer"):
+        return False
+    if module.merged or module.disable_adapters or getattr(module, "lora_variant", None):
+        return False
+    names = [a for a in module.active_adapters if a in lora_a]
+    dropping = module.training and any(getattr(module.lora_dropout[a], "p", 0.0) > 0 for a in names)
+    return bool(names) and not dropping
+
+
+def lora_factors(module: Any) -> tuple[Tensor, Tensor] | None:
+    """``(A, s·B)`` of a LoRA layer that :func:`computes_plain_lora`: the active adapters'
+    factors stacked along the rank (``A``: R×in, ``s·B``: out×R, float32, detached), so
+    that the layer computes ``W·x + (s·B)·(A·x)``; None for any other module."""
+    if not computes_plain_lora(module):
+        return None
+    names = [a for a in module.active_adapters if a in module.lora_A]
+    a = torch.cat([module.lora_A[n].weight.detach().float() for n in names])
+    sb = torch.cat(
+        [module.lora_B[n].weight.detach().float() * module.scaling[n] for n in names], dim=1
+    )
+    return a, sb
+
+
 def effective_parameters(
     model: Any, *, dtype: torch.dtype | None = None
 ) -> Iterator[tuple[str, Tensor]]:

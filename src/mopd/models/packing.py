@@ -12,6 +12,13 @@ may block a long sequence's product differently, which changes the rounding (on 
 1.5B model, a 600-token forward's logits differ by 0.03 on average, a 16-token one's
 not at all). The packed copies live only inside the block: they double the packed
 layers' weight memory while it runs.
+
+A LoRA layer (PEFT) runs as one packed product too, ``[x, u_hi, u_lo, u_hi]·[W, B_hi, B_hi,
+B_lo]ᵀ`` with ``u = A·x`` computed in float32 and ``u`` and ``s·B`` each split into two
+bf16 parts: the update is added inside the product's float32 sum with about float32
+precision, where PEFT's own path rounds ``W·x`` to bf16, then adds ``s·B·A·x`` over
+float32 copies of the layer's whole output (measured on the 1.5B model with 16 rows of
+250 tokens: those copies took a prefill from 7.7 s to 18.5 s).
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from mopd.models.lora import computes_plain_lora, lora_factors
 
 __all__ = ["packed_linears", "packing_available"]
 
@@ -48,8 +57,71 @@ def _packable(module: nn.Linear, min_elements: int) -> bool:
         and weight.dtype == torch.bfloat16
         and weight.numel() >= min_elements
         and (module.bias is None or module.bias.dtype == torch.bfloat16)
-        and not hasattr(module.__dict__.get("forward"), "packed_weight")  # nested blocks
+        and not _is_packed(module.__dict__.get("forward"))  # nested blocks
     )
+
+
+def _is_packed(forward: Any) -> bool:
+    return hasattr(forward, "packed_weight")
+
+
+def _fusable_lora(module: nn.Module) -> tuple[Tensor, Tensor] | None:
+    """The LoRA factors of a layer whose base is a bf16 CPU `nn.Linear` that no outer
+    block has packed, else None."""
+    if _is_packed(module.__dict__.get("forward")):  # nested blocks
+        return None
+    factors = lora_factors(module)
+    base = module.get_base_layer() if factors is not None else None  # type: ignore[operator]
+    if type(base) is not nn.Linear or not _packable(base, 0):
+        return None
+    return factors
+
+
+def _split_bf16(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``x`` (float32) as ``hi + lo`` in bf16: together about 16 bits of mantissa."""
+    hi = x.to(torch.bfloat16)
+    return hi, (x - hi.float()).to(torch.bfloat16)
+
+
+def _fused_lora_forward(
+    module: nn.Module, plain: Any, factors: tuple[Tensor, Tensor], min_elements: int
+) -> Any:
+    """`module`'s LoRA forward as one product on ``[W, s·B]`` (module docstring); `plain`
+    under autograd, for other dtypes and devices, and once the adapters change state."""
+    base: nn.Linear = module.get_base_layer()  # type: ignore[operator]
+    a, sb = factors
+    b_hi, b_lo = _split_bf16(sb)
+    weight = torch.cat([base.weight.detach(), b_hi, b_hi, b_lo], dim=1).contiguous()
+    large = base.weight.numel() >= min_elements
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1) if large else weight
+    bias = None if base.bias is None else base.bias.detach()
+    adapters = list(module.active_adapters)  # type: ignore[arg-type]
+
+    def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if (
+            args
+            or kwargs
+            or torch.is_grad_enabled()
+            or x.dtype != torch.bfloat16
+            or x.device.type != "cpu"
+            or list(module.active_adapters) != adapters  # type: ignore[arg-type]
+            or not computes_plain_lora(module)
+        ):
+            return plain(x, *args, **kwargs)  # type: ignore[no-any-return]
+        rows = x.reshape(-1, x.shape[-1])
+        if not rows.is_contiguous():
+            rows = rows.contiguous()
+        u_hi, u_lo = _split_bf16(torch.nn.functional.linear(rows.float(), a))
+        wide = torch.cat([rows, u_hi, u_lo, u_hi], dim=1)
+        if large:
+            y = torch.ops.mkldnn._linear_pointwise(wide, packed, bias, "none", [], "")
+        else:
+            y = torch.nn.functional.linear(wide, weight, bias)
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+
+    forward.packed_weight = packed  # type: ignore[attr-defined]
+    forward.fused_base = base  # type: ignore[attr-defined]
+    return forward
 
 
 def _packed_forward(module: nn.Linear, plain: Any) -> Any:
@@ -74,16 +146,21 @@ def _packed_forward(module: nn.Linear, plain: Any) -> Any:
 
 @contextmanager
 def packed_linears(
-    *models: nn.Module | None, enabled: bool = True, min_elements: int | None = None
+    *models: nn.Module | None,
+    enabled: bool = True,
+    min_elements: int | None = None,
+    fuse_lora: bool = True,
 ) -> Iterator[int]:
-    """Run the `models`' large bf16 CPU linear layers on packed weights inside the block.
+    """Run the `models`' large bf16 CPU linear layers on packed weights inside the block,
+    and their bf16 LoRA layers as one product each (module docstring).
 
-    Yields how many layers were packed (0 where packing is off, unavailable or nothing
+    Yields how many layers were packed or fused (0 where packing is off, unavailable or nothing
     qualifies: the block then runs unchanged). The weights must not change inside the
     block; calls with gradients enabled take the plain path. Each module's own forward
     is put back on exit, also on error. A block inside another packs nothing twice, and
     a module shared by two models is packed once; absent (None) models are skipped.
     `min_elements`: the smallest weight packed (default `MIN_PACKED_ELEMENTS`).
+    `fuse_lora=False` leaves LoRA layers to PEFT (their base layers are packed).
     """
     if not enabled or not packing_available():
         yield 0
@@ -93,11 +170,27 @@ def packed_linears(
     patched: list[tuple[nn.Module, Any]] = []
     try:
         modules = (m for model in models if model is not None for m in model.modules())
-        for module in modules:
-            if isinstance(module, nn.Linear) and _packable(module, min_elements):
-                own = module.__dict__.get("forward")  # an instance-level forward, if any
-                module.forward = _packed_forward(module, module.forward)  # type: ignore[method-assign]
-                patched.append((module, own))
+        fused: set[int] = set()  # base layers a fused LoRA layer computes (never called)
+        for module in modules:  # a parent comes before its children
+            own = module.__dict__.get("forward")  # an instance-level forward, if any
+            outer_base = getattr(own, "fused_base", None)
+            if outer_base is not None:  # fused by an outer block: so is its base
+                fused.add(id(outer_base))
+                continue
+            factors = _fusable_lora(module) if fuse_lora else None
+            if factors is not None:
+                forward = _fused_lora_forward(module, module.forward, factors, min_elements)
+                fused.add(id(module.get_base_layer()))  # type: ignore[operator]
+            elif (
+                isinstance(module, nn.Linear)
+                and id(module) not in fused
+                and _packable(module, min_elements)
+            ):
+                forward = _packed_forward(module, module.forward)
+            else:
+                continue
+            module.forward = forward  # type: ignore[method-assign]
+            patched.append((module, own))
         yield len(patched)
     finally:
         for module, own in patched:
