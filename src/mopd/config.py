@@ -100,8 +100,9 @@ class ModelConfig:
     )
     packed_weights: bool = opt(
         True,
-        "bf16 on CPU: rollouts and teacher passes run on weights packed once for oneDNN "
-        "(faster; bf16 rounding may differ; one more copy of the weights while they run)",
+        "bf16 on CPU: rollouts and teacher passes run on weights packed once for oneDNN, "
+        "LoRA layers as fused products (faster; bf16 rounding may differ; one more copy "
+        "of the weights while they run)",
     )
 
     def __post_init__(self) -> None:

@@ -109,3 +109,18 @@ def test_checkpointing_and_bf16_autocast_train_with_fp32_master_weights(tmp_path
     assert math.isfinite(result.history[0]["loss/total"])
     assert all(p.dtype == torch.float32 for p in trainer.student.parameters())
     assert any(getattr(m, "gradient_checkpointing", False) for m in trainer.student.modules())
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_a_bf16_lora_step_trains_through_the_fused_layers_unless_told_not_to(
+    tmp_path, tiny_model_dir, monkeypatch, packed
+):
+    from mopd.models.fused_lora import LoraLinear
+
+    calls = []
+    original = LoraLinear.apply
+    monkeypatch.setattr(LoraLinear, "apply", lambda *a: calls.append(1) or original(*a))
+    extra = ("train.steps=1", "model.dtype=bfloat16", f"model.packed_weights={packed}")
+    result = Trainer(_config(tmp_path, tiny_model_dir, *extra)).train()
+    assert math.isfinite(result.history[-1]["loss/total"])
+    assert bool(calls) == packed

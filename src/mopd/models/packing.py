@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mopd.models.fused_lora import split_bf16
 from mopd.models.lora import computes_plain_lora, lora_factors
 
 __all__ = ["packed_linears", "packing_available"]
@@ -77,12 +78,6 @@ def _fusable_lora(module: nn.Module) -> tuple[Tensor, Tensor] | None:
     return factors
 
 
-def _split_bf16(x: Tensor) -> tuple[Tensor, Tensor]:
-    """``x`` (float32) as ``hi + lo`` in bf16: together about 16 bits of mantissa."""
-    hi = x.to(torch.bfloat16)
-    return hi, (x - hi.float()).to(torch.bfloat16)
-
-
 def _fused_lora_forward(
     module: nn.Module, plain: Any, factors: tuple[Tensor, Tensor], min_elements: int
 ) -> Any:
@@ -90,7 +85,7 @@ def _fused_lora_forward(
     under autograd, for other dtypes and devices, and once the adapters change state."""
     base: nn.Linear = module.get_base_layer()  # type: ignore[operator]
     a, sb = factors
-    b_hi, b_lo = _split_bf16(sb)
+    b_hi, b_lo = split_bf16(sb)
     weight = torch.cat([base.weight.detach(), b_hi, b_hi, b_lo], dim=1).contiguous()
     large = base.weight.numel() >= min_elements
     packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1) if large else weight
@@ -111,7 +106,7 @@ def _fused_lora_forward(
         rows = x.reshape(-1, x.shape[-1])
         if not rows.is_contiguous():
             rows = rows.contiguous()
-        u_hi, u_lo = _split_bf16(torch.nn.functional.linear(rows.float(), a))
+        u_hi, u_lo = split_bf16(torch.nn.functional.linear(rows.float(), a))
         wide = torch.cat([rows, u_hi, u_lo, u_hi], dim=1)
         if large:
             y = torch.ops.mkldnn._linear_pointwise(wide, packed, bias, "none", [], "")

@@ -30,6 +30,7 @@ from mopd.collect.contexts import TeacherInput
 from mopd.collect.shards import ShardSamples, sample_local_shards
 from mopd.config import Config
 from mopd.core.token_loss import engine_agreement
+from mopd.models.fused_lora import fused_lora_training
 from mopd.models.packing import packed_linears
 from mopd.models.teachers import Teacher
 from mopd.objectives import Objective, Scorers, StepBatch, StepLog, StudentForward, assemble_batch
@@ -173,7 +174,10 @@ def train_step(
     parts.optimizer.zero_grad(set_to_none=True)
     scorers = Scorers(student, parts.tokenizer.pad_token_id, parts.teacher, parts.reference)
     fixed = [s.model for s in (parts.teacher, parts.reference) if s is not None]
-    with packed_linears(*fixed, enabled=cfg.model.packed_weights):  # they change in `update`
+    with (
+        packed_linears(*fixed, enabled=cfg.model.packed_weights),  # they change in `update`
+        fused_lora_training(student, enabled=cfg.model.packed_weights),
+    ):
         log = run_objective(
             objective, batch, norms, scorers, temperature=cfg.rollout.temperature,
             is_clip=cfg.loss.is_clip,
