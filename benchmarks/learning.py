@@ -19,9 +19,11 @@ Round 1 (8 steps, the loss at temperature 1, the mix weighting bug) is kept in
 The benchmark is a list of runs, each a `mopd train` followed by a `mopd eval` of its
 final checkpoint on the test split (a LoRA run's adapter on its base model, exactly the
 trained student), in its own process. A finished run leaves a small
-record in `benchmarks/results/<round folder>/<setting>/<run>.json` (kept in git); anything
-without a record is (re)started, from its last checkpoint when there is one. So it can be
-stopped at any time and continued later, in as many parts as needed:
+record in `benchmarks/results/<round folder>/<setting>/<run>.json` and its test samples in
+`.../<setting>/samples/<run>.jsonl` (both kept in git), and a LoRA run its final adapter
+in `benchmarks/runs/<round folder>/<setting>/adapters/<run>/` (not in git: for later
+analysis); anything without a record is (re)started, from its last checkpoint when there
+is one. So it can be stopped at any time and continued later, in as many parts as needed:
 
     python benchmarks/learning.py run --setting add1 --max-runs 3   # do some runs
     python benchmarks/learning.py status --setting add1             # what is left
@@ -277,6 +279,15 @@ class Run:
     def run_dir(self) -> Path:
         return RUNS / round_of(self.setting).folder / self.setting / self.name
 
+    @property
+    def samples(self) -> Path:
+        """Every test sample of the run (`mopd eval --samples`)."""
+        return self.record.parent / "samples" / f"{self.name}.jsonl"
+
+    @property
+    def kept_adapter(self) -> Path:
+        return self.run_dir.parent / "adapters" / self.name
+
 
 # ------------------------------------------------------------------ planning
 
@@ -472,6 +483,8 @@ def _test_eval(run: Run, model: str) -> tuple[float, dict[str, Any]]:
         str(run.seed),
         "--output",
         str(out),
+        "--samples",
+        str(run.samples),
         *_test_task_options(run.setting),
     )
     result = json.loads(out.read_text())["results"][0]
@@ -559,7 +572,10 @@ def execute(run: Run) -> None:
     tmp = run.record.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=1) + "\n")
     os.replace(tmp, run.record)
-    shutil.rmtree(run.run_dir, ignore_errors=True)  # checkpoints are ~2 GB each
+    if Path(model).name == "adapter":  # 74 MB at 1.5B, r16; the checkpoints are ~2 GB each
+        shutil.rmtree(run.kept_adapter, ignore_errors=True)
+        shutil.move(model, run.kept_adapter)
+    shutil.rmtree(run.run_dir, ignore_errors=True)
 
 
 # ------------------------------------------------------------------ reporting

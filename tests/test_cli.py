@@ -103,7 +103,10 @@ def test_train_then_resume_then_eval_from_the_command_line(tmp_path, tiny_model_
     assert "eval/mean@2" in (tmp_path / "eval.json").read_text()
     capsys.readouterr()
     # --run takes the run's own evaluation settings: the in-training score reproduces.
-    assert main(["eval", "--run", str(run), "--output", str(tmp_path / "run.json")]) == 0
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("from an earlier evaluation\n")
+    args = ["eval", "--run", str(run), "--output", str(tmp_path / "run.json")]
+    assert main([*args, "--samples", str(samples)]) == 0
     err = capsys.readouterr().err
     assert "k=2" in err and "max_new_tokens=4" in err and f"{run / 'config.yaml'}" in err
     import json
@@ -113,6 +116,14 @@ def test_train_then_resume_then_eval_from_the_command_line(tmp_path, tiny_model_
     result = json.loads((tmp_path / "run.json").read_text())["results"]
     assert [r["step"] for r in result] == [2]
     assert result[0]["metrics"]["eval/mean@2"] == last["eval/mean@2"]
+    # Every sample, one line per prompt; the file is replaced, not appended to.
+    lines = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert {(r["step"], r["task"]) for r in lines} == {(2, "tasks_for_tests:make_parity_task")}
+    assert all(
+        len(r["texts"]) == len(r["rewards"]) == len(r["response_tokens"]) == 2 for r in lines
+    )
+    rewards = [x for r in lines for x in r["rewards"]]
+    assert sum(rewards) / len(rewards) == pytest.approx(last["eval/mean@2"])
 
 
 def _no_model_loads(monkeypatch) -> None:

@@ -146,6 +146,13 @@ def _parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         "--batch-size", type=int, default=None, help="rows per generate call (default 64)"
     )
     ev.add_argument("--output", type=Path, help="write the results as JSON here (and a .md table)")
+    ev.add_argument(
+        "--samples",
+        type=Path,
+        metavar="JSONL",
+        help="also write every sample here: one line per model, task and prompt, with the "
+        "responses, their rewards and token counts",
+    )
     ev.add_argument("options", nargs="*", metavar="option=value", help="task options")
 
     an = sub.add_parser(
@@ -361,6 +368,8 @@ def _eval(args: argparse.Namespace) -> int:
             )
             for name, task in tasks.items()
         }
+        if args.samples:
+            _append_samples(args.samples, model_name, step, samples, fresh=not results)
         summary = summarize_samples(samples, args.k, n_boot=args.n_boot, seed=args.seed)
         flat = eval_metrics(_pooled(samples), args.k, n_boot=args.n_boot)
         results.append({"model": model_name, "step": step, "metrics": flat, **summary})
@@ -388,6 +397,32 @@ def _eval(args: argparse.Namespace) -> int:
         args.output.with_suffix(".md").write_text(_eval_markdown(results, args.k))
         print(f"\nwrote {args.output} and {args.output.with_suffix('.md')}", file=sys.stderr)
     return 0
+
+
+def _append_samples(
+    path: Path, model: str, step: int | None, samples: dict[str, EvalSamples], *, fresh: bool
+) -> None:
+    """One JSON line per task and prompt of `model`'s samples; `fresh`: start the file."""
+    lines = [
+        json.dumps(
+            {
+                "model": model,
+                "step": step,
+                "task": task,
+                "problem_id": problem_id,
+                "rewards": rewards,
+                "response_tokens": tokens,
+                "texts": texts,
+            }
+        )
+        for task, s in samples.items()
+        for problem_id, rewards, tokens, texts in zip(
+            s.problem_ids, s.rewards, s.response_tokens, s.texts, strict=True
+        )
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w" if fresh else "a") as handle:
+        handle.write("".join(line + "\n" for line in lines))
 
 
 def _pooled(samples: dict[str, EvalSamples]) -> EvalSamples:

@@ -335,6 +335,7 @@ def test_a_run_is_tested_on_its_adapter_when_it_has_one(learning, monkeypatch, t
     (final / "student").mkdir(parents=True)
     if lora:
         (final / "adapter").mkdir()
+        (final / "adapter" / "adapter_config.json").write_text("{}")
     (run.run_dir / "checkpoints" / "latest").write_text("step-000024\n")
     monkeypatch.setattr(learning, "_train", lambda r: (1.0, [], {}))
     tested = []
@@ -343,3 +344,7 @@ def test_a_run_is_tested_on_its_adapter_when_it_has_one(learning, monkeypatch, t
     record = json.loads(run.record.read_text())
     assert tested == [str(final / ("adapter" if lora else "student"))]
     assert record["test_model"] == ("adapter" if lora else "student")
+    # The checkpoints go; the adapter stays for later analysis, beside the run folders.
+    assert not run.run_dir.exists()
+    assert (run.kept_adapter / "adapter_config.json").exists() == lora
+    assert run.samples.parent == run.record.parent / "samples"
