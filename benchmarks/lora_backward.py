@@ -27,10 +27,6 @@ import sysbench
 import torch
 
 from mopd.models.fused_lora import fused_lora_training
-from mopd.models.loading import load_model
-from mopd.models.lora import add_lora
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def main() -> None:
@@ -46,18 +42,9 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    model = add_lora(
-        load_model(args.model, dtype="bfloat16"),
-        r=args.rank,
-        alpha=float(args.rank),
-        target_modules=TARGETS,
-    )
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:  # B = 0 at init would make the update's terms vanish
-                param.copy_(torch.randn(param.shape, generator=generator) * 1e-3)
+    model = sysbench.random_lora_student(args.model, args.rank, b_scale=1e-3)
     model.train()
+    generator = torch.Generator().manual_seed(0)
     ids = torch.randint(100, 20_000, (args.rows, args.tokens), generator=generator)
     embed = model.get_input_embeddings()
     adapters = [p for n, p in model.named_parameters() if p.requires_grad]

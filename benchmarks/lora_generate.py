@@ -32,26 +32,17 @@ from flops import forward_flops, matmul_gflops, model_shape, read_gbps
 
 from mopd.collect.contexts import chat_prompt_ids
 from mopd.models.loading import load_model, load_tokenizer
-from mopd.models.lora import add_lora, load_adapted
+from mopd.models.lora import load_adapted
 from mopd.models.packing import packed_linears
 from mopd.rollout.base import SamplingParams
 from mopd.rollout.hf import HFRolloutEngine
 from mopd.tasks.registry import build_task
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
 
 def student(args: argparse.Namespace) -> torch.nn.Module:
-    base = load_model(args.model, dtype="bfloat16")
     if args.adapter:
-        return load_adapted(args.adapter, base)
-    model = add_lora(base, r=args.rank, alpha=float(args.rank), target_modules=TARGETS)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * args.b_scale)
-    return model.eval()
+        return load_adapted(args.adapter, load_model(args.model, dtype="bfloat16"))
+    return sysbench.random_lora_student(args.model, args.rank, args.b_scale).eval()
 
 
 def main() -> None:

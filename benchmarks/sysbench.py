@@ -163,3 +163,28 @@ def save(name: str, data: dict[str, Any], table: str, out_dir: Path | None = Non
 
 def mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
+
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def random_lora_student(model: str, rank: int, b_scale: float, seed: int = 0) -> Any:
+    """`model` in bf16 with LoRA adapters of `rank` on every linear layer of its blocks and
+    B drawn at `b_scale` (at init B = 0 and the adapters' products would all be zero)."""
+    import torch
+
+    from mopd.models.loading import load_model
+    from mopd.models.lora import add_lora
+
+    student = add_lora(
+        load_model(model, dtype="bfloat16"),
+        r=rank,
+        alpha=float(rank),
+        target_modules=LORA_TARGETS,
+    )
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in student.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * b_scale)
+    return student
