@@ -18,7 +18,7 @@ B_lo]ᵀ`` with ``u = A·x`` computed in float32 and ``u`` and ``s·B`` each spl
 bf16 parts: the update is added inside the product's float32 sum with about float32
 precision, where PEFT's own path rounds ``W·x`` to bf16, then adds ``s·B·A·x`` over
 float32 copies of the layer's whole output (measured on the 1.5B model with 16 rows of
-250 tokens: those copies took a prefill from 7.7 s to 18.5 s).
+250 tokens: those copies took a prefill from 7.3 s to 17.2 s; fused, it takes 9.0 s).
 """
 
 from __future__ import annotations
