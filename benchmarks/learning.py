@@ -29,6 +29,9 @@ is one. So it can be stopped at any time and continued later, in as many parts a
     python benchmarks/learning.py status --setting add1             # what is left
     python benchmarks/learning.py report                            # tables + plots
 
+The untrained student's validation score (step 0) is measured by the first run of each
+seed and copied into the others' records (`step0_from`), which skip it (`eval.at_start`).
+
 `run` does the learning-rate search first, then seed 0 of every method, then the seeds
 of base, GRPO and the peer methods with the best seed-0 validation, then the rest
 (`plan`), so a partial benchmark holds the comparisons that matter first.
@@ -443,10 +446,25 @@ TRAIN_METRICS = (
 )
 
 
+def _step0_source(run: Run) -> tuple[str, dict[str, Any]] | None:
+    """A finished run of the same setting and seed with its step-0 validation, if any.
+
+    Step 0 evaluates the untrained student: the same model (LoRA's B starts at 0), the
+    same prompts and the same sampling seed (from `train.seed`) for every method of a
+    setting, so one measurement per seed serves them all (the 1.5B arith round's 21 runs
+    scored it identically within each seed)."""
+    for name, record in _records(run.setting).items():
+        first = (record.get("validation") or [{}])[0]
+        if record["seed"] == run.seed and first.get("step") == 0 and "step0_from" not in first:
+            return name, first
+    return None
+
+
 def _train(run: Run) -> tuple[float, list[dict[str, float]], dict[str, float]]:
     """Train (or continue) the run; returns wall seconds, validation curve, train means."""
     t0 = time.time()
     latest = run.run_dir / "checkpoints" / "latest"
+    source = _step0_source(run)
     if latest.exists():
         _mopd("train", "--resume", str(run.run_dir))
     else:
@@ -460,6 +478,7 @@ def _train(run: Run) -> tuple[float, list[dict[str, float]], dict[str, float]]:
             f"train.seed={run.seed}",
             f"logging.output_dir={run.run_dir.parent}",
             f"logging.run_name={run.name}",
+            *(["eval.at_start=false"] if source else []),
         )
     rows = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss/total" in r]
@@ -468,7 +487,10 @@ def _train(run: Run) -> tuple[float, list[dict[str, float]], dict[str, float]]:
         values = [r[key] for r in steps if r.get(key) is not None]
         if values:
             means[key] = sum(values) / len(values)
-    return time.time() - t0, _validation_curve(run.run_dir), means
+    curve = _validation_curve(run.run_dir)
+    if source and (not curve or curve[0]["step"] != 0):  # measured once for the seed
+        curve.insert(0, {**source[1], "step0_from": source[0]})
+    return time.time() - t0, curve, means
 
 
 def _test_eval(run: Run, model: str) -> tuple[float, dict[str, Any]]:

@@ -324,6 +324,9 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     every: int = opt(10, "steps between evaluations; 0 = only before and after training")
+    at_start: bool = opt(
+        True, "evaluate the untrained student first (step 0); false: skip it, its score known"
+    )
     k: int = opt(4, "samples per eval prompt (mean@k, pass@k)")
     temperature: float = opt(0.6, "eval sampling temperature")
     top_p: float = opt(0.95, "eval nucleus sampling")

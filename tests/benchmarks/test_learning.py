@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -348,3 +349,34 @@ def test_a_run_is_tested_on_its_adapter_when_it_has_one(learning, monkeypatch, t
     assert not run.run_dir.exists()
     assert (run.kept_adapter / "adapter_config.json").exists() == lora
     assert run.samples.parent == run.record.parent / "samples"
+
+
+def test_step_zero_is_measured_once_per_seed_and_copied(learning, monkeypatch, tmp_path):
+    monkeypatch.setattr(learning, "RUNS", tmp_path / "runs")
+    calls = []
+
+    def fake_mopd(*args):
+        calls.append(args)
+        given = dict(a.split("=", 1) for a in args if a.startswith("logging."))
+        run_dir = Path(given["logging.output_dir"]) / given["logging.run_name"]
+        run_dir.mkdir(parents=True, exist_ok=True)
+        steps = [24] if "eval.at_start=false" in args else [0, 24]
+        rows = [{"step": s, "eval/mean@4": s / 48, "eval/pass@4": 1.0} for s in steps]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    monkeypatch.setattr(learning, "_mopd", fake_mopd)
+    first, second = (
+        learning.Run("arith", "grpo", 2e-5, 1),
+        learning.Run("arith", "mopd-2s1f", 2e-5, 1),
+    )
+    _, curve, _ = learning._train(first)
+    assert "eval.at_start=false" not in calls[-1] and [p["step"] for p in curve] == [0, 24]
+    first.record.parent.mkdir(parents=True)
+    first.record.write_text(json.dumps({"seed": 1, "validation": curve}))
+    _, curve, _ = learning._train(second)
+    assert "eval.at_start=false" in calls[-1]
+    assert curve[0] == {**curve[0], "step": 0, "mean@4": 0.0, "step0_from": first.name}
+    assert [p["step"] for p in curve] == [0, 24]
+    other_seed = learning.Run("arith", "mopd-2s1f", 2e-5, 2)
+    learning._train(other_seed)
+    assert "eval.at_start=false" not in calls[-1]

@@ -197,6 +197,11 @@ def test_eval_summary_rows_use_first_and_last_eval_rows_by_step() -> None:
         ("pass@8", "n/a", "0.900"),
     ]
     assert eval_summary_rows([{"step": 1, "loss/total": 0.1}]) == []
+    # Without the evaluation before training (eval.at_start=false) there is no "before".
+    assert eval_summary_rows(rows[:1] + rows[2:]) == [
+        ("mean@8", "n/a", "0.500"),
+        ("pass@8", "n/a", "0.900"),  # pass@1 repeats mean@8 in every row there is
+    ]
 
 
 def test_eval_summary_rows_hold_intervals_in_a_fixed_order_without_repeating_mean() -> None:

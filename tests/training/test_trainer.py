@@ -264,6 +264,19 @@ def test_progress_shows_each_evaluation_score_when_it_lands(tmp_path, tiny_model
         assert f"eval at step {step}: mean@2 " in err, err
 
 
+def test_eval_at_start_false_skips_the_evaluation_before_training(tmp_path, tiny_model_dir):
+    from mopd.training.trainer import final_summary
+
+    result = Trainer(_config(tmp_path, tiny_model_dir, "grpo", "eval.at_start=false")).train()
+    assert [e["step"] for e in result.evals] == [2]  # the last step's evaluation only
+    rows = [
+        json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["step"] for r in rows if "eval/mean@2" in r] == [2]
+    mean = next(line for line in final_summary(result).splitlines() if "mean@2" in line)
+    assert mean.split()[1] == "n/a"  # nothing measured before training
+
+
 def test_a_fresh_run_in_a_folder_with_checkpoints_is_refused(tmp_path, tiny_model_dir):
     cfg = _config(tmp_path, tiny_model_dir, "grpo")
     Trainer(cfg).train()

@@ -154,11 +154,14 @@ def _eval_keys(rows: Sequence[Row]) -> list[str]:
 
 
 def _first_last_eval(rows: Sequence[Row]) -> tuple[Row, Row] | None:
+    """The evaluation before training (empty when the run skipped it) and the last one."""
     eval_rows = sorted(
         (row for row in rows if any(key.startswith("eval/") for key in row)),
         key=lambda row: row["step"],
     )
-    return (eval_rows[0], eval_rows[-1]) if eval_rows else None
+    if not eval_rows:
+        return None
+    return (eval_rows[0] if eval_rows[0]["step"] == 0 else {}), eval_rows[-1]
 
 
 def _fmt(value: float | None, spec: str = ".4f") -> str:
@@ -391,7 +394,8 @@ def _eval_section(rows: Sequence[Row], has_plot: bool) -> str:
         change = None if before is None or after is None else after - before
         cells = (_eval_cell(first, key), _eval_cell(last, key), _fmt(change, "+.3f"))
         table_rows.append((key.removeprefix("eval/"), *cells))
-    headers = ("metric", f"first (step {first['step']})", f"last (step {last['step']})", "change")
+    start = f"first (step {first['step']})" if first else "first (step 0 not run)"
+    headers = ("metric", start, f"last (step {last['step']})", "change")
     parts = ["## Evaluation", md_table(headers, table_rows)]
     if has_plot:
         parts.append(f"![Evaluation scores against training step]({EVAL_PNG})")

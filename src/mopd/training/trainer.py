@@ -313,7 +313,7 @@ class Trainer:
         cfg, main = self.config, self.dist.is_main
         resumed, every = self.resume_from is not None, cfg.eval.every
         try:
-            if not resumed:
+            if not resumed and cfg.eval.at_start:
                 ev = self.evaluate(0)
                 sinks.log(0, ev)
                 result.evals.append({"step": 0, **ev})
