@@ -151,6 +151,11 @@ def test_lora_layers_run_fused_and_give_peft_logits_up_to_bf16_rounding(tokenize
             layers = _lora_layers(model)
             assert all(hasattr(m.forward, "fused_base") for m in layers)
             assert all("forward" not in m.base_layer.__dict__ for m in layers)  # not run
+            for m in layers:  # the packed product and no plain copy of the weight besides
+                held = [c.cell_contents for c in m.forward.__closure__]
+                big = [t for t in held if isinstance(t, torch.Tensor) and t.dim() == 2]
+                big = [t for t in big if t.shape[0] == m.base_layer.out_features]
+                assert [t.is_mkldnn for t in big] == [True]
             monkeypatch.setattr(
                 torch.nn.functional, "linear", lambda *a: calls.append(1) or original(*a)
             )

@@ -87,8 +87,10 @@ def _fused_lora_forward(
     a, sb = factors
     b_hi, b_lo = split_bf16(sb)
     weight = torch.cat([base.weight.detach(), b_hi, b_hi, b_lo], dim=1).contiguous()
-    large = base.weight.numel() >= min_elements
+    out_features, large = weight.shape[0], base.weight.numel() >= min_elements
+    # Only the packed copy stays referenced: the plain one is freed when it is packed.
     packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1) if large else weight
+    del weight
     bias = None if base.bias is None else base.bias.detach()
     adapters = list(module.active_adapters)  # type: ignore[arg-type]
 
@@ -111,8 +113,8 @@ def _fused_lora_forward(
         if large:
             y = torch.ops.mkldnn._linear_pointwise(wide, packed, bias, "none", [], "")
         else:
-            y = torch.nn.functional.linear(wide, weight, bias)
-        return y.reshape(*x.shape[:-1], weight.shape[0])
+            y = torch.nn.functional.linear(wide, packed, bias)
+        return y.reshape(*x.shape[:-1], out_features)
 
     forward.packed_weight = packed  # type: ignore[attr-defined]
     forward.fused_base = base  # type: ignore[attr-defined]
