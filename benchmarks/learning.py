@@ -446,7 +446,7 @@ TRAIN_METRICS = (
 )
 
 
-def _step0_source(run: Run) -> tuple[str, dict[str, Any]] | None:
+def _step0_source(run: Run) -> tuple[str, dict[str, Any], str | None] | None:
     """A finished run of the same setting and seed with its step-0 validation, if any.
 
     Step 0 evaluates the untrained student: the same model (LoRA's B starts at 0), the
@@ -456,7 +456,7 @@ def _step0_source(run: Run) -> tuple[str, dict[str, Any]] | None:
     for name, record in _records(run.setting).items():
         first = (record.get("validation") or [{}])[0]
         if record["seed"] == run.seed and first.get("step") == 0 and "step0_from" not in first:
-            return name, first
+            return name, first, record.get("commit")
     return None
 
 
@@ -489,7 +489,7 @@ def _train(run: Run) -> tuple[float, list[dict[str, float]], dict[str, float]]:
             means[key] = sum(values) / len(values)
     curve = _validation_curve(run.run_dir)
     if source and (not curve or curve[0]["step"] != 0):  # measured once for the seed
-        curve.insert(0, {**source[1], "step0_from": source[0]})
+        curve.insert(0, {**source[1], "step0_from": source[0], "step0_commit": source[2]})
     return time.time() - t0, curve, means
 
 
@@ -596,7 +596,8 @@ def execute(run: Run) -> None:
     os.replace(tmp, run.record)
     if Path(model).name == "adapter":  # 74 MB at 1.5B, r16; the checkpoints are ~2 GB each
         shutil.rmtree(run.kept_adapter, ignore_errors=True)
-        shutil.move(model, run.kept_adapter)
+        run.kept_adapter.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(model, run.kept_adapter)  # a rename: same file system
     shutil.rmtree(run.run_dir, ignore_errors=True)
 
 

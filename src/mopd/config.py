@@ -101,8 +101,8 @@ class ModelConfig:
     packed_weights: bool = opt(
         True,
         "bf16 on CPU: rollouts and teacher passes run on weights packed once for oneDNN, "
-        "LoRA layers as fused products (faster; bf16 rounding may differ; one more copy "
-        "of the weights while they run)",
+        "and a LoRA student's layers as fused products in those passes and in training "
+        "(faster; bf16 rounding may differ; one more copy of the weights while they run)",
     )
 
     def __post_init__(self) -> None:

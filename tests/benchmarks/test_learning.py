@@ -372,10 +372,11 @@ def test_step_zero_is_measured_once_per_seed_and_copied(learning, monkeypatch, t
     _, curve, _ = learning._train(first)
     assert "eval.at_start=false" not in calls[-1] and [p["step"] for p in curve] == [0, 24]
     first.record.parent.mkdir(parents=True)
-    first.record.write_text(json.dumps({"seed": 1, "validation": curve}))
+    first.record.write_text(json.dumps({"seed": 1, "validation": curve, "commit": "abc1234"}))
     _, curve, _ = learning._train(second)
     assert "eval.at_start=false" in calls[-1]
-    assert curve[0] == {**curve[0], "step": 0, "mean@4": 0.0, "step0_from": first.name}
+    copied = {"step": 0, "mean@4": 0.0, "step0_from": first.name, "step0_commit": "abc1234"}
+    assert curve[0] == {**curve[0], **copied}
     assert [p["step"] for p in curve] == [0, 24]
     other_seed = learning.Run("arith", "mopd-2s1f", 2e-5, 2)
     learning._train(other_seed)

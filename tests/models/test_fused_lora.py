@@ -104,3 +104,30 @@ def test_other_layer_states_keep_peft_path(tokenizer):
         finally:
             LoraLinear.apply = original  # type: ignore[method-assign]
         assert not calls  # switched off on the fly: checked on every call
+
+
+def test_a_bias_on_b_or_autocast_keeps_peft_path(tokenizer):
+    from mopd.models.packing import packed_linears
+
+    model, ids = _student(tokenizer), _ids(tokenizer)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.endswith("lora_B.default") and "q_proj" in name:
+                module.bias = nn.Parameter(torch.full((module.out_features,), 0.5))
+    biased = [m for m in model.modules() if hasattr(m, "lora_B") and "default" in m.lora_B]
+    biased = [m for m in biased if m.lora_B["default"].bias is not None]
+    assert biased
+    with fused_lora_training(model), packed_linears(model, min_elements=0):
+        assert not any("forward" in m.__dict__ for m in biased)  # PEFT adds s·bias: left to it
+    # Under autocast the float32 parts would run in bf16: PEFT's path, and no crash.
+    reference = _loss(model, ids)
+    with fused_lora_training(model), torch.autocast("cpu", dtype=torch.bfloat16):
+        calls = []
+        original = LoraLinear.apply
+        LoraLinear.apply = lambda *a: calls.append(1) or original(*a)  # type: ignore[method-assign]
+        try:
+            loss = _loss(model, ids)
+        finally:
+            LoraLinear.apply = original  # type: ignore[method-assign]
+        loss.backward()
+    assert not calls and torch.isfinite(loss) and torch.isfinite(reference)

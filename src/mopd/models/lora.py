@@ -125,14 +125,19 @@ def _lora_delta(module: Any, weight: Tensor, dtype: torch.dtype | None = None) -
 
 def computes_plain_lora(module: Any) -> bool:
     """Whether `module` is a PEFT LoRA layer computing ``W·x + Σ s·B·A·x`` right now:
-    not merged, not disabled, no variant such as DoRA, no active dropout, an adapter on.
-    Checked without importing PEFT; cheap enough to ask on every forward."""
+    not merged, not disabled, no variant such as DoRA, no bias on B (``lora_bias``), no
+    active dropout, an adapter on, no autocast. Checked without importing PEFT; cheap
+    enough to ask on every forward."""
     lora_a = getattr(module, "lora_A", None)
     if lora_a is None or not hasattr(module, "lora_B") or not hasattr(module, "get_base_layer"):
         return False
     if module.merged or module.disable_adapters or getattr(module, "lora_variant", None):
         return False
+    if torch.is_autocast_enabled("cpu"):  # would run the float32 parts in bf16
+        return False
     names = [a for a in module.active_adapters if a in lora_a]
+    if any(module.lora_B[a].bias is not None for a in names):
+        return False
     dropping = module.training and any(getattr(module.lora_dropout[a], "p", 0.0) > 0 for a in names)
     return bool(names) and not dropping
 
