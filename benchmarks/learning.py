@@ -451,7 +451,7 @@ def _step0_source(run: Run) -> tuple[str, dict[str, Any], str | None] | None:
 
     Step 0 evaluates the untrained student: the same model (LoRA's B starts at 0), the
     same prompts and the same sampling seed (from `train.seed`) for every method of a
-    setting, so one measurement per seed serves them all (the 1.5B arith round's 21 runs
+    setting, so one measurement per seed serves them all (the 1.5B arith round's runs
     scored it identically within each seed)."""
     for name, record in _records(run.setting).items():
         first = (record.get("validation") or [{}])[0]
