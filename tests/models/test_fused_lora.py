@@ -36,6 +36,14 @@ def _loss(model, ids):
     return model(ids).logits.float().logsumexp(-1).mean()
 
 
+def _count_calls(monkeypatch) -> list[int]:
+    """A list that grows by one on each `LoraLinear.apply` (which still runs)."""
+    calls: list[int] = []
+    original = LoraLinear.apply
+    monkeypatch.setattr(LoraLinear, "apply", lambda *a: calls.append(1) or original(*a))
+    return calls
+
+
 def test_one_layer_matches_float64_in_value_and_gradients():
     g = torch.Generator().manual_seed(0)
     n, d_in, d_out, r, s = 64, 96, 80, 8, 2.0
@@ -62,20 +70,15 @@ def test_one_layer_matches_float64_in_value_and_gradients():
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=2 * 2**-8, atol=1e-4)
 
 
-def test_a_student_gets_peft_loss_and_gradients_through_the_fused_layers(tokenizer):
+def test_a_student_gets_peft_loss_and_gradients_through_the_fused_layers(tokenizer, monkeypatch):
     model, ids = _student(tokenizer), _ids(tokenizer)
     trainable = [p for p in model.parameters() if p.requires_grad]
     _loss(model, ids).backward()
     peft_grads = [p.grad.clone() for p in trainable]
     model.zero_grad()
     with fused_lora_training(model) as n:
-        calls = []
-        original = LoraLinear.apply
-        LoraLinear.apply = lambda *a: calls.append(1) or original(*a)  # type: ignore[method-assign]
-        try:
-            loss = _loss(model, ids)
-        finally:
-            LoraLinear.apply = original  # type: ignore[method-assign]
+        calls = _count_calls(monkeypatch)
+        loss = _loss(model, ids)
         loss.backward()
     assert n == len(calls) == 2 * len(TARGETS)  # every adapted layer of both decoder layers
     for p, peft in zip(trainable, peft_grads, strict=True):
@@ -85,7 +88,7 @@ def test_a_student_gets_peft_loss_and_gradients_through_the_fused_layers(tokeniz
     assert all("forward" not in m.__dict__ for m in model.modules())
 
 
-def test_other_layer_states_keep_peft_path(tokenizer):
+def test_other_layer_states_keep_peft_path(tokenizer, monkeypatch):
     ids = _ids(tokenizer)
     with fused_lora_training(_student(tokenizer, dtype=torch.float32)) as n:
         assert n == 0  # float32 weights: PEFT's float32 path has no copies to save
@@ -96,17 +99,12 @@ def test_other_layer_states_keep_peft_path(tokenizer):
         assert n == 0
     with fused_lora_training(model) as n, model.disable_adapter():
         assert n > 0
-        calls = []
-        original = LoraLinear.apply
-        LoraLinear.apply = lambda *a: calls.append(1) or original(*a)  # type: ignore[method-assign]
-        try:
-            _loss(model, ids)
-        finally:
-            LoraLinear.apply = original  # type: ignore[method-assign]
+        calls = _count_calls(monkeypatch)
+        _loss(model, ids)
         assert not calls  # switched off on the fly: checked on every call
 
 
-def test_a_bias_on_b_or_autocast_keeps_peft_path(tokenizer):
+def test_a_bias_on_b_or_autocast_keeps_peft_path(tokenizer, monkeypatch):
     from mopd.models.packing import packed_linears
 
     model, ids = _student(tokenizer), _ids(tokenizer)
@@ -122,12 +120,7 @@ def test_a_bias_on_b_or_autocast_keeps_peft_path(tokenizer):
     # Under autocast the float32 parts would run in bf16: PEFT's path, and no crash.
     reference = _loss(model, ids)
     with fused_lora_training(model), torch.autocast("cpu", dtype=torch.bfloat16):
-        calls = []
-        original = LoraLinear.apply
-        LoraLinear.apply = lambda *a: calls.append(1) or original(*a)  # type: ignore[method-assign]
-        try:
-            loss = _loss(model, ids)
-        finally:
-            LoraLinear.apply = original  # type: ignore[method-assign]
+        calls = _count_calls(monkeypatch)
+        loss = _loss(model, ids)
         loss.backward()
     assert not calls and torch.isfinite(loss) and torch.isfinite(reference)
