@@ -74,6 +74,9 @@ class Round:
     seeds: of base, GRPO and the `best` peer methods (by validation); FEW_SEEDS for the rest.
     lr_from: setting -> the setting whose seed-0 grid picks its rates (no grid of its own):
         one search serves a setting whose runs cost several times more.
+    sensitivity: setting -> (method, rate) pairs run on seeds 0-2 after every other run
+        although the grid chose another rate: whether a paired comparison holds when the
+        baseline takes its runner-up rate (a small validation split picks rates noisily).
     """
 
     folder: str
@@ -87,6 +90,7 @@ class Round:
     best: int = 2
     seeds: tuple[int, ...] = ALL_SEEDS
     lr_from: dict[str, str] = field(default_factory=dict)
+    sensitivity: dict[str, tuple[tuple[str, float], ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         problems = []
@@ -95,6 +99,11 @@ class Round:
                 problems.append(f"lr_from names an unknown setting: {target} -> {source}")
             elif source in self.lr_from:
                 problems.append(f"lr_from source {source} has no grid of its own")
+        for setting, pairs in self.sensitivity.items():
+            if setting not in self.settings:
+                problems.append(f"sensitivity names an unknown setting: {setting}")
+            if any(m not in self.methods or lr not in self.lr_grid for m, lr in pairs):
+                problems.append(f"sensitivity runs must be methods at grid rates: {pairs}")
         if "grpo" not in self.methods:
             problems.append("no 'grpo' method to pair with")
         if not set(self.searched) | set(self.controls) <= set(self.methods):
@@ -243,6 +252,9 @@ R3 = Round(
     best=0,
     seeds=FEW_SEEDS,
     lr_from={"code": "arith"},
+    # GRPO's grid chose 2e-5 by one validation point (0.475 against 0.4375 at 1e-4), and
+    # the sign-safe objectives it is compared with train at 1e-4.
+    sensitivity={"arith": (("grpo", 1e-4),)},
 )
 ROUNDS = {"r2": R2, "qwen": R3}
 SETTINGS: dict[str, Round] = {name: r for r in ROUNDS.values() for name in r.settings}
@@ -377,6 +389,9 @@ def plan(setting: str) -> list[Run]:
                 lr = 0.0 if method == "base" else chosen_lr(setting, method)
                 if lr is not None and seed in seeds_of(setting, method):
                     runs.append(Run(setting, method, lr, seed))
+    for method, lr in r.sensitivity.get(setting, ()):
+        if chosen_lr(setting, method) is not None:  # after the grid: a rate it did not choose
+            runs += [Run(setting, method, lr, seed) for seed in FEW_SEEDS]
     return list(dict.fromkeys(runs))
 
 
@@ -633,24 +648,23 @@ def _test_value(record: dict[str, Any], name: str) -> float:
     return float(record["test"]["metrics"][name]["mean"])
 
 
-def paired_difference(setting: str, method: str, name: str) -> dict[str, Any] | None:
-    """Test `name` of `method` minus GRPO's, paired by seed: mean, 95% t-interval, seeds.
+def paired_difference(
+    setting: str, method: str, name: str, against: tuple[str, float] | None = None
+) -> dict[str, Any] | None:
+    """Test `name` of `method` minus GRPO's (or that of `against`, a method at a rate),
+    paired by seed: mean, 95% t-interval, seeds; both at their chosen rates otherwise.
 
     A seed fixes the training problems' order and every sampling draw, so the pair shares
     everything but the objective; the interval is over the per-seed differences.
     """
-    if method == "grpo":
+    other, lr_other = against or ("grpo", chosen_lr(setting, "grpo"))
+    lr = 0.0 if method == "base" else chosen_lr(setting, method)
+    if lr is None or lr_other is None or (method, lr) == (other, lr_other):
         return None
     records = _records(setting)
-    lr, lr_grpo = (
-        (0.0 if method == "base" else chosen_lr(setting, method)),
-        chosen_lr(setting, "grpo"),
-    )
-    if lr is None or lr_grpo is None:
-        return None
     diffs, seeds = [], []
     for seed in round_of(setting).seeds:
-        mine, grpo = Run(setting, method, lr, seed).name, Run(setting, "grpo", lr_grpo, seed).name
+        mine, grpo = Run(setting, method, lr, seed).name, Run(setting, other, lr_other, seed).name
         if mine in records and grpo in records:
             diffs.append(_test_value(records[mine], name) - _test_value(records[grpo], name))
             seeds.append(seed)
@@ -700,7 +714,20 @@ def summarize(setting: str) -> dict[str, Any]:
                 "train_means": [r.get("train_means", {}) for r in recs],
             }
         )
-    return {"setting": setting, "search": search, "methods": rows}
+    sensitivity = []
+    for method, lr in r.sensitivity.get(setting, ()):
+        recs = [records[n] for s in FEW_SEEDS if (n := Run(setting, method, lr, s).name) in records]
+        if recs and lr != chosen_lr(setting, method):
+            against = {
+                row["method"]: paired_difference(
+                    setting, row["method"], f"mean@{EVAL_K}", against=(method, lr)
+                )
+                for row in rows
+            }
+            test_mean = _test_metric(recs, f"mean@{EVAL_K}")
+            sensitivity.append({"method": method, "lr": lr, "seeds": [x["seed"] for x in recs]})
+            sensitivity[-1].update(test_mean=test_mean, against=against)
+    return {"setting": setting, "search": search, "methods": rows, "sensitivity": sensitivity}
 
 
 def _markdown(summary: dict[str, Any]) -> str:
@@ -753,6 +780,22 @@ def _markdown(summary: dict[str, Any]) -> str:
             r["time/step"],  # unlike the wall column, whole for a resumed run
         ]
         lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+    for s in summary.get("sensitivity", []):
+        lines += [
+            "",
+            f"{s['method']} at {s['lr']:g}, a rate the grid did not choose ({len(s['seeds'])} "
+            f"seeds): test mean@4 {s['test_mean']}. Each method at its chosen rate minus it, "
+            "paired by seed:",
+            "",
+            f"| method | lr | minus {s['method']} at {s['lr']:g} (paired) |",
+            "|---|---:|---:|",
+        ]
+        for r in summary["methods"]:
+            diff = s["against"].get(r["method"])
+            if diff is not None:
+                lr = "—" if r["method"] == "base" else f"{r['lr']:g}"
+                paired = _fmt(diff["mean"], diff["half_width"])
+                lines.append(f"| {r['method']} | {lr} | {paired} |")
     return "\n".join(lines) + "\n"
 
 

@@ -381,3 +381,39 @@ def test_step_zero_is_measured_once_per_seed_and_copied(learning, monkeypatch, t
     other_seed = learning.Run("arith", "mopd-2s1f", 2e-5, 2)
     learning._train(other_seed)
     assert "eval.at_start=false" not in calls[-1]
+
+
+def test_a_baseline_at_its_runner_up_rate_runs_last_and_is_paired_against(learning, monkeypatch):
+    grid = {"lr_grid": (1e-5, 4e-5)}
+    with pytest.raises(ValueError, match="grid rates"):
+        _second_round(learning, **grid, sensitivity={"other": (("grpo", 3e-5),)})
+    with pytest.raises(ValueError, match="unknown setting"):
+        _second_round(learning, **grid, sensitivity={"nowhere": (("grpo", 4e-5),)})
+    other = _second_round(learning, **grid, sensitivity={"other": (("grpo", 4e-5),)})
+    monkeypatch.setitem(learning.SETTINGS, "other", other)
+    assert all(r.lr != 4e-5 or r.seed == 0 for r in learning.plan("other"))  # grid not done
+
+    def record(method: str, lr: float, seed: int, validation: float, test: float) -> None:
+        run = learning.Run("other", method, lr, seed)
+        run.record.parent.mkdir(parents=True, exist_ok=True)
+        metrics = {k: {"mean": test} for k in ("mean@4", "pass@1", "pass@4")}
+        data = {"seed": seed, "train_wall_s": 1.0, "test": {"metrics": metrics}}
+        run.record.write_text(json.dumps({**data, "validation": [{"mean@4": validation}]}))
+
+    record("grpo", 1e-5, 0, 0.5, 0.50)  # the grid chooses 1e-5
+    record("grpo", 4e-5, 0, 0.4, 0.60)
+    planned = learning.plan("other")
+    assert planned[-2:] == [learning.Run("other", "grpo", 4e-5, s) for s in (1, 2)]
+    for seed, (grpo, mopd, runner_up) in enumerate(((0.5, 0.7, 0.6), (0.4, 0.5, 0.5))):
+        if seed:
+            record("grpo", 1e-5, seed, 0.5, grpo)
+            record("grpo", 4e-5, seed, 0.5, runner_up)
+        record("mopd", 1e-5, seed, 0.5, mopd)
+    summary = learning.summarize("other")
+    (s,) = summary["sensitivity"]
+    assert (s["method"], s["lr"], s["seeds"]) == ("grpo", 4e-5, [0, 1])
+    assert s["against"]["mopd"]["diffs"] == pytest.approx([0.1, 0.0])
+    assert s["against"]["grpo"]["diffs"] == pytest.approx([-0.1, -0.1])
+    table = learning._markdown(summary)
+    assert "grpo at 4e-05, a rate the grid did not choose (2 seeds)" in table
+    assert "| mopd | 1e-05 | 0.050 ± 0.635 |" in table
