@@ -666,9 +666,9 @@ def paired_difference(
     records = _records(setting)
     diffs, seeds = [], []
     for seed in round_of(setting).seeds:
-        mine, grpo = Run(setting, method, lr, seed).name, Run(setting, other, lr_other, seed).name
-        if mine in records and grpo in records:
-            diffs.append(_test_value(records[mine], name) - _test_value(records[grpo], name))
+        mine, theirs = Run(setting, method, lr, seed).name, Run(setting, other, lr_other, seed).name
+        if mine in records and theirs in records:
+            diffs.append(_test_value(records[mine], name) - _test_value(records[theirs], name))
             seeds.append(seed)
     if not diffs:
         return None
@@ -726,10 +726,20 @@ def summarize(setting: str) -> dict[str, Any]:
                 )
                 for row in rows
             }
-            test_mean = _test_metric(recs, f"mean@{EVAL_K}")
-            sensitivity.append({"method": method, "lr": lr, "seeds": [x["seed"] for x in recs]})
-            sensitivity[-1].update(test_mean=test_mean, against=against)
+            sensitivity.append(
+                {
+                    "method": method,
+                    "lr": lr,
+                    "seeds": [x["seed"] for x in recs],
+                    "test_mean": _test_metric(recs, f"mean@{EVAL_K}"),
+                    "against": against,
+                }
+            )
     return {"setting": setting, "search": search, "methods": rows, "sensitivity": sensitivity}
+
+
+def _lr_cell(row: dict[str, Any]) -> str:
+    return "—" if row["method"] == "base" else f"{row['lr']:g}"
 
 
 def _markdown(summary: dict[str, Any]) -> str:
@@ -751,7 +761,7 @@ def _markdown(summary: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in summary["methods"]:
-        lr = "—" if r["method"] == "base" else f"{r['lr']:g}"
+        lr = _lr_cell(r)
         diff = r.get("vs_grpo")
         paired = "—" if diff is None else _fmt(diff["mean"], diff["half_width"])
         lines.append(
@@ -782,7 +792,7 @@ def _markdown(summary: dict[str, Any]) -> str:
             r["time/step"],  # unlike the wall column, whole for a resumed run
         ]
         lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
-    for s in summary.get("sensitivity", []):
+    for s in summary["sensitivity"]:
         lines += [
             "",
             f"{s['method']} at {s['lr']:g}, a rate the grid did not choose ({len(s['seeds'])} "
@@ -795,9 +805,8 @@ def _markdown(summary: dict[str, Any]) -> str:
         for r in summary["methods"]:
             diff = s["against"].get(r["method"])
             if diff is not None:
-                lr = "—" if r["method"] == "base" else f"{r['lr']:g}"
                 paired = _fmt(diff["mean"], diff["half_width"])
-                lines.append(f"| {r['method']} | {lr} | {paired} |")
+                lines.append(f"| {r['method']} | {_lr_cell(r)} | {paired} |")
     return "\n".join(lines) + "\n"
 
 

@@ -45,6 +45,8 @@ def main() -> None:
         "--task-option", action="append", default=[], metavar="KEY=VALUE", help="repeatable"
     )
     args = parser.parse_args()
+    if args.lora and args.dtype != "bfloat16":
+        parser.error("--lora builds a bf16 student: add --dtype bfloat16")
 
     import torch
 
@@ -57,8 +59,6 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(args.model)
-    if args.lora and args.dtype != "bfloat16":
-        parser.error("--lora builds a bf16 student: add --dtype bfloat16")
     student = (
         sysbench.random_lora_student(args.model, args.lora, b_scale=1e-3).eval()
         if args.lora
