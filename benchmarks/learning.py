@@ -683,11 +683,12 @@ def _mean_of(values: list[float | None]) -> str:
 
 def summarize(setting: str) -> dict[str, Any]:
     records, r = _records(setting), round_of(setting)
+    own_grid = r.grid_setting(setting) == setting  # else its seed-0 runs are not a search
     search = [
         {"method": m, "lr": lr, "validation": records[Run(setting, m, lr, 0).name]["validation"]}
         for m in r.searched
         for lr in r.lr_grid
-        if Run(setting, m, lr, 0).name in records
+        if own_grid and Run(setting, m, lr, 0).name in records
     ]
     rows = []
     for method in ("base", *r.methods):

@@ -129,6 +129,7 @@ def test_the_report_gives_the_whole_runs_step_time_beside_the_resumed_wall_time(
     rows = [line for line in table.splitlines() if line.startswith("| grpo |")][-2:]
     assert rows[0].endswith("| 100 |")  # the wall column: mean of what each record holds
     assert rows[1].endswith("| 12.000 |")  # s/step: mean over the runs' steps
+    assert "Learning-rate search" in table  # add1 has a grid of its own
 
 
 def test_status_filters_by_method_and_seed_and_rejects_unknown_names(learning, capsys):
@@ -303,6 +304,14 @@ def test_a_setting_can_take_its_rates_from_another_settings_grid(learning, monke
         ("mopd", 4e-5),
     }
     assert {r.seed for r in dear if r.method == "grpo"} == {0, 1, 2}  # seed 0 is its own run
+    record = learning.Run("dear", "grpo", 4e-5, 0).record
+    record.parent.mkdir(parents=True, exist_ok=True)
+    stat = {"mean": 0.5, "low": 0.4, "high": 0.6}
+    metrics = {k: stat for k in ("mean@4", "pass@1", "pass@4")}
+    data = {"seed": 0, "train_wall_s": 1.0, "test": {"metrics": metrics}}
+    record.write_text(json.dumps({**data, "validation": [{"step": 4, "mean@4": 0.4}]}))
+    assert learning.summarize("dear")["search"] == []  # its seed-0 runs are not a search
+    assert "Learning-rate search" not in learning._markdown(learning.summarize("dear"))
     args = learning._test_eval_args("dear")
     assert dict(zip(args[::2], args[1::2], strict=True))["--threads"] == "2"
     for bad, match in (({"dear": "nowhere"}, "unknown setting"), ({"dear": "dear"}, "no grid")):
