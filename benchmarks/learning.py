@@ -875,6 +875,12 @@ def main(argv: list[str] | None = None) -> int:
             default=None,
             help="only runs of these methods, e.g. grpo (splits the lr search over drivers)",
         )
+        p.add_argument(
+            "--lrs",
+            type=lambda text: {float(x) for x in text.split(",")},
+            default=None,
+            help="only runs at these learning rates, e.g. 1e-4 (base runs at 0)",
+        )
         if name == "run":
             p.add_argument("--max-runs", type=int, default=None, help="stop after this many")
     sub.add_parser("report")
@@ -893,6 +899,8 @@ def main(argv: list[str] | None = None) -> int:
             todo = [r for r in todo if r.seed in args.seeds]
         if args.methods is not None:
             todo = [r for r in todo if r.method in args.methods]
+        if args.lrs is not None:
+            todo = [r for r in todo if r.lr in args.lrs]
         if args.command == "status":
             print(
                 f"{len(todo)} runs to do now (the extra seeds of the best peer methods are "

@@ -145,6 +145,9 @@ def test_status_filters_by_method_and_seed_and_rejects_unknown_names(learning, c
     out = capsys.readouterr().out
     assert out.split()[-1:] == ["base-lr0-s1"]
     assert "base-lr0-s0" not in out
+    assert learning.main(["status", "--setting", "add1", "--lrs", "2e-5,8e-5"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert [n for n in listed if n.startswith("grpo")] == ["grpo-lr2e-05-s0", "grpo-lr8e-05-s0"]
     with pytest.raises(SystemExit):
         learning.main(["run", "--setting", "add1", "--methods", "grpo,nope"])
     assert "unknown method(s) ['nope']" in capsys.readouterr().err
