@@ -151,6 +151,9 @@ def test_status_filters_by_method_and_seed_and_rejects_unknown_names(learning, c
     with pytest.raises(SystemExit):
         learning.main(["run", "--setting", "add1", "--methods", "grpo,nope"])
     assert "unknown method(s) ['nope']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        learning.main(["status", "--setting", "add1", "--lrs", "3e-5"])
+    assert "--lrs [3e-05] not in the grid" in capsys.readouterr().err
 
 
 def test_mean_ci_is_a_t_interval_over_seeds(learning):
