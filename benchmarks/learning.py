@@ -60,6 +60,7 @@ RUNS = HERE / "runs"  # checkpoints while a run is in progress (not in git)
 N_VALIDATION, N_TEST = 20, 40
 FEW_SEEDS, ALL_SEEDS = (0, 1, 2), (0, 1, 2, 3, 4)
 EVAL_K = 4
+METRIC = f"mean@{EVAL_K}"  # the test and validation score every comparison uses
 
 
 @dataclass(frozen=True)
@@ -324,7 +325,7 @@ def chosen_lr(setting: str, method: str) -> float | None:
         rec = records.get(Run(source, searched, lr, 0).name)
         if rec is None:
             return None
-        scores[lr] = rec["validation"][-1][f"mean@{EVAL_K}"]
+        scores[lr] = rec["validation"][-1][METRIC]
     return max(grid, key=lambda lr: (scores[lr], -lr))  # ties: the smaller step
 
 
@@ -335,7 +336,7 @@ def _final_validation(setting: str, method: str, seeds: tuple[int, ...]) -> floa
     names = [Run(setting, method, lr, s).name for s in seeds] if lr is not None else []
     if not names or any(n not in records for n in names):
         return None
-    return sum(records[n]["validation"][-1][f"mean@{EVAL_K}"] for n in names) / len(names)
+    return sum(records[n]["validation"][-1][METRIC] for n in names) / len(names)
 
 
 def best_peer_methods(setting: str) -> list[str] | None:
@@ -360,7 +361,7 @@ def _seed0_validation(setting: str, method: str) -> float:
     """Final validation mean@k of the method's seed-0 run at its chosen rate (-1: none yet)."""
     lr = chosen_lr(setting, method)
     record = _records(setting).get(Run(setting, method, lr, 0).name) if lr is not None else None
-    return record["validation"][-1][f"mean@{EVAL_K}"] if record else -1.0
+    return record["validation"][-1][METRIC] if record else -1.0
 
 
 def plan(setting: str) -> list[Run]:
@@ -436,7 +437,7 @@ def _validation_curve(run_dir: Path) -> list[dict[str, float]]:
     return [
         {
             "step": r["step"],
-            f"mean@{EVAL_K}": r[key],
+            METRIC: r[key],
             f"pass@{EVAL_K}": r[f"eval/pass@{EVAL_K}"],
             "response_tokens": r.get("eval/response_tokens_mean"),
         }
@@ -680,6 +681,26 @@ def _mean_of(values: list[float | None]) -> str:
     return f"{sum(present) / len(present):.3f}" if present else "n/a"
 
 
+def _row(method: str, lr: float, recs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One method at one rate over its recorded seeds: test results and training means."""
+    return {
+        "method": method,
+        "lr": lr,
+        "seeds": [x["seed"] for x in recs],
+        "test_mean": _test_metric(recs, METRIC),
+        "test_pass1": _test_metric(recs, "pass@1"),
+        "test_passk": _test_metric(recs, f"pass@{EVAL_K}"),
+        "train_wall_s": sum(x["train_wall_s"] for x in recs) / len(recs),
+        "test_tokens": _mean_of([x["test"].get("response_tokens_mean") for x in recs]),
+        **{
+            key: _mean_of([x.get("train_means", {}).get(key) for x in recs])
+            for key in TRAIN_METRICS
+        },
+        "curves": [x["validation"] for x in recs],
+        "train_means": [x.get("train_means", {}) for x in recs],
+    }
+
+
 def summarize(setting: str) -> dict[str, Any]:
     records, r = _records(setting), round_of(setting)
     own_grid = r.grid_setting(setting) == setting  # else its seed-0 runs are not a search
@@ -695,46 +716,19 @@ def summarize(setting: str) -> dict[str, Any]:
         if lr is None:
             continue
         recs = [records[n] for s in r.seeds if (n := Run(setting, method, lr, s).name) in records]
-        if not recs:
-            continue
-        rows.append(
-            {
-                "method": method,
-                "lr": lr,
-                "seeds": [r["seed"] for r in recs],
-                "vs_grpo": paired_difference(setting, method, f"mean@{EVAL_K}"),
-                "test_mean": _test_metric(recs, f"mean@{EVAL_K}"),
-                "test_pass1": _test_metric(recs, "pass@1"),
-                "test_passk": _test_metric(recs, f"pass@{EVAL_K}"),
-                "train_wall_s": sum(r["train_wall_s"] for r in recs) / len(recs),
-                "test_tokens": _mean_of([r["test"].get("response_tokens_mean") for r in recs]),
-                **{
-                    key: _mean_of([r.get("train_means", {}).get(key) for r in recs])
-                    for key in TRAIN_METRICS
-                },
-                "curves": [r["validation"] for r in recs],
-                "train_means": [r.get("train_means", {}) for r in recs],
-            }
-        )
+        if recs:
+            rows.append(
+                {**_row(method, lr, recs), "vs_grpo": paired_difference(setting, method, METRIC)}
+            )
     sensitivity = []
     for method, lr in r.sensitivity.get(setting, ()):
         recs = [records[n] for s in FEW_SEEDS if (n := Run(setting, method, lr, s).name) in records]
         if recs and lr != chosen_lr(setting, method):
             against = {
-                row["method"]: paired_difference(
-                    setting, row["method"], f"mean@{EVAL_K}", against=(method, lr)
-                )
+                row["method"]: paired_difference(setting, row["method"], METRIC, (method, lr))
                 for row in rows
             }
-            sensitivity.append(
-                {
-                    "method": method,
-                    "lr": lr,
-                    "seeds": [x["seed"] for x in recs],
-                    "test_mean": _test_metric(recs, f"mean@{EVAL_K}"),
-                    "against": against,
-                }
-            )
+            sensitivity.append({**_row(method, lr, recs), "against": against})
     return {"setting": setting, "search": search, "methods": rows, "sensitivity": sensitivity}
 
 
@@ -770,14 +764,15 @@ def _markdown(summary: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "What happened in training (means over the steps and seeds of the runs above; "
-        "n/a: not recorded for those runs):",
+        "What happened in training (means over the steps and seeds of the runs above, and "
+        "of each rate check, named with its rate; n/a: not recorded for those runs):",
         "",
         "| method | rollout success | response tokens | truncated | test response tokens "
         "| context fraction | teacher AUC | gap success | gap failure | s/step |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in summary["methods"]:
+    rate_checks = [{**s, "method": f"{s['method']} at {s['lr']:g}"} for s in summary["sensitivity"]]
+    for r in summary["methods"] + rate_checks:
         if r["method"] == "base":
             continue
         cells = [
@@ -822,7 +817,7 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
             continue
         steps = [p["step"] for p in r["curves"][0]]
         n = min(len(c) for c in r["curves"])
-        stats = [mean_ci([c[i][f"mean@{EVAL_K}"] for c in r["curves"]]) for i in range(n)]
+        stats = [mean_ci([c[i][METRIC] for c in r["curves"]]) for i in range(n)]
         means = [m for m, _ in stats]
         (line,) = ax.plot(
             steps[:n], means, marker="o", label=f"{r['method']} ({len(r['curves'])} seeds)"

@@ -413,6 +413,7 @@ def test_a_baseline_at_its_runner_up_rate_runs_last_and_is_paired_against(learni
         run.record.parent.mkdir(parents=True, exist_ok=True)
         metrics = {k: {"mean": test} for k in ("mean@4", "pass@1", "pass@4")}
         data = {"seed": seed, "train_wall_s": 1.0, "test": {"metrics": metrics}}
+        data["train_means"] = {"rollout/success_rate": test}
         run.record.write_text(json.dumps({**data, "validation": [{"mean@4": validation}]}))
 
     record("grpo", 1e-5, 0, 0.5, 0.50)  # the grid chooses 1e-5
@@ -432,3 +433,6 @@ def test_a_baseline_at_its_runner_up_rate_runs_last_and_is_paired_against(learni
     table = learning._markdown(summary)
     assert "grpo at 4e-05, a rate the grid did not choose (2 seeds)" in table
     assert "| mopd | 1e-05 | 0.050 ± 0.635 |" in table
+    # its training means sit beside the chosen rates', from its own runs
+    assert "| grpo | 0.450 | n/a |" in table
+    assert "| grpo at 4e-05 | 0.550 | n/a |" in table
