@@ -12,9 +12,14 @@ them. Each
 engine gets one untimed warm-up call, then `--rounds` timed calls that alternate between
 the engines (hf, vllm, hf, vllm, ...) so that a busy machine slows both alike. Reported:
 generated tokens per second (response tokens, EOS included, over wall time of
-`generate`), the vLLM engine's start time, and the time of a weight push of the student.
-With `--lora R` the student is a bf16 LoRA model as trained (B drawn small, not zero): the
-hf engine then runs its fused LoRA layers and vLLM receives the merged weights.
+`generate`), the vLLM engine's start time, the time of a weight push of the student, and
+how far each engine's sampling distribution is from the student's: the mean absolute
+difference between the log-prob an engine reports for each token it sampled and the
+student's own (a transformers forward of prompt + response at the same temperature).
+With `--lora R` the student is a bf16 LoRA model (B drawn small, not zero), with `--adapter
+DIR` a trained one: the hf engine then runs its fused LoRA layers, and vLLM runs twice, once
+receiving the merged bf16 weights (which round most of a small update away) and once
+serving the adapter.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import json
 import os
 import platform
 import time
+from typing import Any
 
 import sysbench
 
@@ -42,11 +48,16 @@ def main() -> None:
     parser.add_argument("--task", default="arithmetic")
     parser.add_argument("--lora", type=int, default=0, help="LoRA rank of the student (0: none)")
     parser.add_argument(
+        "--adapter", default=None, help="a trained LoRA adapter folder on --model (bf16)"
+    )
+    parser.add_argument(
         "--task-option", action="append", default=[], metavar="KEY=VALUE", help="repeatable"
     )
     args = parser.parse_args()
-    if args.lora and args.dtype != "bfloat16":
-        parser.error("--lora builds a bf16 student: add --dtype bfloat16")
+    if (args.lora or args.adapter) and args.dtype != "bfloat16":
+        parser.error("--lora and --adapter build a bf16 student: add --dtype bfloat16")
+    if args.lora and args.adapter:
+        parser.error("--lora draws an adapter, --adapter loads one: give one of them")
 
     import torch
 
@@ -59,34 +70,48 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(args.model)
-    student = (
-        sysbench.random_lora_student(args.model, args.lora, b_scale=1e-3).eval()
-        if args.lora
-        else load_model(args.model, dtype=args.dtype)
-    )
+    if args.adapter:
+        from mopd.models.lora import load_adapted
+
+        student = load_adapted(args.adapter, load_model(args.model, dtype=args.dtype))
+    elif args.lora:
+        student = sysbench.random_lora_student(args.model, args.lora, b_scale=1e-3).eval()
+    else:
+        student = load_model(args.model, dtype=args.dtype)
+    rank = student.peft_config["default"].r if args.lora or args.adapter else None
     options = dict(item.split("=", 1) for item in args.task_option)
     problems = list(build_task(args.task, options).train_problems())[: args.prompts]
     prompts = [chat_prompt_ids(tokenizer, p.messages) for p in problems]
     params = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
 
-    engines = {
-        "hf": HFRolloutEngine(student, tokenizer, batch_size=args.prompts * args.n),
-        "vllm": VLLMRolloutEngine(
+    def vllm_engine(lora_rank: int | None) -> VLLMRolloutEngine:
+        return VLLMRolloutEngine(
             resolve_model_path(args.model),
             tokenizer,
             memory_fraction=args.memory_fraction,
             dtype=args.dtype,
-        ),
+            lora_rank=lora_rank,
+        )
+
+    # A LoRA student: vLLM once with the merged weights pushed, once serving the adapter.
+    engines: dict[str, Any] = {
+        "hf": HFRolloutEngine(student, tokenizer, batch_size=args.prompts * args.n),
+        "vllm" if rank is None else "vllm_merged": vllm_engine(None),
     }
-    vllm_engine = engines["vllm"]
-    assert isinstance(vllm_engine, VLLMRolloutEngine)
-    pushes = []
-    for _ in range(3):
-        vllm_engine.update_weights(student)
-        assert vllm_engine.last_push_seconds is not None
-        pushes.append(vllm_engine.last_push_seconds)
+    if rank is not None:
+        engines["vllm_adapter"] = vllm_engine(rank)
+    starts, pushes = {}, {}
+    for name, engine in engines.items():
+        if isinstance(engine, VLLMRolloutEngine):
+            starts[name] = round(engine.start_seconds, 1)
+            pushes[name] = []
+            for _ in range(3):
+                engine.update_weights(student)
+                assert engine.last_push_seconds is not None
+                pushes[name].append(round(engine.last_push_seconds, 2))
 
     results: dict[str, list[dict[str, float]]] = {name: [] for name in engines}
+    gaps: dict[str, dict[str, float]] = {}
     for engine in engines.values():  # warm-up
         engine.generate(prompts[:1], n=1, params=params, seed=0)
     for round_ in range(args.rounds):
@@ -97,19 +122,55 @@ def main() -> None:
             tokens = sum(len(r.response_ids) for g in groups for r in g)
             results[name].append({"seconds": seconds, "tokens": tokens})
             print(f"round {round_} {name}: {tokens} tokens in {seconds:.1f} s", flush=True)
+            if round_ == 0:  # untimed: the student rescores what the engine sampled
+                gaps[name] = logprob_gaps(student, prompts, groups, args.temperature)
+                print(f"  {name}: {gaps[name]}", flush=True)
 
     summary = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "load_average": os.getloadavg(),
         "settings": vars(args),
-        "vllm_start_s": round(vllm_engine.start_seconds, 1),
-        "vllm_push_s": [round(p, 2) for p in pushes],
+        "vllm_start_s": starts,
+        "vllm_push_s": pushes,
+        "logprob_gaps": gaps,
         "tokens_per_s": {
             name: round(sum(r["tokens"] for r in rs) / sum(r["seconds"] for r in rs), 1)
             for name, rs in results.items()
         },
     }
     print(json.dumps(summary, indent=2))
+
+
+def logprob_gaps(
+    student: Any, prompts: list[list[int]], groups: list[list[Any]], t: float
+) -> dict[str, float]:
+    """How the log-probs an engine reported for its sampled tokens differ from the student's
+    (one forward of prompt + response per rollout at temperature `t`) and, for a LoRA
+    student, from its base model's (adapters off): the mean absolute difference, and the
+    mean of engine − model, which over the engine's own samples estimates KL(engine ‖
+    model). The base columns say how far the update moved the model, for scale."""
+    import contextlib
+
+    import torch
+
+    models = {"student": contextlib.nullcontext}
+    if hasattr(student, "disable_adapter"):
+        models["base"] = student.disable_adapter
+    out: dict[str, float] = {}
+    for label, context in models.items():
+        diffs = []
+        with torch.no_grad(), context():
+            for prompt, group in zip(prompts, groups, strict=True):
+                for rollout in group:
+                    ids = torch.tensor([list(prompt) + list(rollout.response_ids)])
+                    logits = student(ids).logits[0, len(prompt) - 1 : -1].float()
+                    own = torch.log_softmax(logits / t, dim=-1)
+                    own = own.gather(-1, ids[0, len(prompt) :, None]).squeeze(-1)
+                    diffs.append(torch.tensor(rollout.logprobs) - own)
+        diff = torch.cat(diffs)
+        out[f"abs_{label}"] = float(f"{float(diff.abs().mean()):.3g}")
+        out[f"kl_{label}"] = float(f"{float(diff.mean()):.3g}")
+    return out
 
 
 if __name__ == "__main__":

@@ -146,6 +146,9 @@ class RolloutConfig:
         True, "vLLM: true skips CUDA graphs / compilation (faster start)"
     )
     vllm_max_model_len: int | None = opt(None, "vLLM: context length; null = the model's")
+    vllm_lora: bool = opt(
+        True, "vLLM, LoRA student: serve the adapter (true) or push merged weights (false)"
+    )
 
     def __post_init__(self) -> None:
         _one_of(self.engine, "rollout.engine", ROLLOUT_ENGINES)

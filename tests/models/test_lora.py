@@ -14,6 +14,7 @@ from mopd.config import ConfigError, load_config
 from mopd.models.loading import apply_memory_options
 from mopd.models.lora import (
     adapter_base_name,
+    adapter_state,
     add_lora,
     is_adapter_dir,
     load_adapted,
@@ -168,6 +169,25 @@ def test_a_saved_adapter_loads_on_its_base_as_the_student_computed_it(tokenizer,
         want = student(input_ids=ids).logits
         assert torch.equal(loaded(input_ids=ids).logits, want)
         assert not torch.equal(merged(input_ids=ids).logits, want)
+
+
+def test_adapter_state_is_what_a_saved_adapter_folder_holds(tokenizer, tmp_path):
+    from safetensors.torch import load_file
+
+    student = _lora_student(tokenizer)
+    optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=1e-2)
+    _train_step(student, optimizer, seed=1)
+    config, tensors = adapter_state(student)
+    student.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert sorted(tensors) == sorted(saved) and len(saved) == 2 * len(_layers(student))
+    for name, tensor in tensors.items():
+        assert torch.equal(tensor, saved[name]) and not tensor.requires_grad, name
+    assert (config.r, config.lora_alpha, sorted(config.target_modules)) == (
+        R,
+        ALPHA,
+        sorted(TARGETS),
+    )
 
 
 def test_an_adapter_config_without_a_base_model_is_refused(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import warnings
 
 import pytest
 import torch
@@ -66,7 +67,7 @@ def test_a_16_bit_lora_student_is_flagged_for_merged_weight_pushes(tokenizer, dt
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed")
-def test_vllm_with_a_bf16_lora_student_warns_before_building(tokenizer):
+def test_vllm_with_a_bf16_lora_student_warns_only_for_merged_pushes(tokenizer):
     pytest.importorskip("peft")
     from conftest import make_tiny_model
     from mopd.models.lora import add_lora
@@ -74,6 +75,12 @@ def test_vllm_with_a_bf16_lora_student_warns_before_building(tokenizer):
     student = add_lora(
         make_tiny_model(tokenizer).to(torch.bfloat16), r=4, alpha=8, target_modules=["q_proj"]
     )
-    cfg = load_config("demo", ["rollout.engine=vllm"])
+    merged = load_config("demo", ["rollout.engine=vllm", "rollout.vllm_lora=false"])
     with pytest.warns(UserWarning, match="merged weights"), pytest.raises(ModuleNotFoundError):
-        build_engine(cfg.rollout, student=student, tokenizer=tokenizer, model_path="x")
+        build_engine(merged.rollout, student=student, tokenizer=tokenizer, model_path="x")
+    served = load_config("demo", ["rollout.engine=vllm"])  # the adapter: nothing rounds
+    assert served.rollout.vllm_lora is True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ModuleNotFoundError):
+            build_engine(served.rollout, student=student, tokenizer=tokenizer, model_path="x")

@@ -230,6 +230,72 @@ def test_update_weights_pushes_merged_lora_weights(engine, student, prompts, pus
     assert _max_error(student, prompts, groups, 1.0) > 0.1
 
 
+def _adapted(student, seed: int, b_scale: float):
+    """`student` with rank-4 adapters on every block projection, B drawn at `b_scale`."""
+    from mopd.models.lora import add_lora
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    adapted = add_lora(copy.deepcopy(student), r=4, alpha=8.0, target_modules=targets, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in adapted.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * b_scale)
+    return adapted.eval()
+
+
+@pytest.fixture(scope="module")
+def lora_engine(student_dir, tokenizer) -> VLLMRolloutEngine:
+    """A second engine in the process, serving adapters on the module's student."""
+    pytest.importorskip("peft")
+    return VLLMRolloutEngine(str(student_dir), tokenizer, memory_fraction=0.02, lora_rank=4)
+
+
+def test_lora_engine_samples_from_the_served_adapter_and_follows_each_push(
+    lora_engine, student, prompts
+):
+    params = SamplingParams(max_new_tokens=6)
+    for seed in (0, 1):  # the second push must replace the first adapter, not add to it
+        adapted = _adapted(student, seed, b_scale=0.5)
+        lora_engine.update_weights(adapted)
+        groups = lora_engine.generate(prompts, n=4, params=params, seed=9)
+        assert _max_error(adapted, prompts, groups, 1.0) < TOL
+        assert _max_error(student, prompts, groups, 1.0) > 0.1, "sampling the base"
+        assert set(lora_engine.llm.llm_engine.list_loras()) == {lora_engine._adapter.lora_int_id}
+    with pytest.raises(ValueError, match="has none"):
+        lora_engine.update_weights(student)
+
+
+def test_bf16_lora_engine_keeps_an_update_the_merged_weights_round_away(student_dir, tokenizer):
+    """The reason to serve adapters: B·A below half a bf16 weight's rounding step."""
+    pytest.importorskip("peft")
+    from mopd.models.lora import effective_parameters
+
+    base = _student_of(student_dir).to(torch.bfloat16)
+    small, zero = _adapted(base, 0, b_scale=1e-5), _adapted(base, 0, b_scale=0.0)
+    merged = dict(effective_parameters(small))
+    layers = [(n, p) for n, p in base.named_parameters() if n.endswith("proj.weight")]
+    kept = sum(int(torch.eq(merged[n], p).sum()) for n, p in layers)
+    assert kept > 0.9 * sum(p.numel() for _, p in layers), "the merge kept most of the update"
+    engine = VLLMRolloutEngine(
+        str(student_dir), tokenizer, dtype="bfloat16", memory_fraction=0.02, lora_rank=4
+    )
+    prompt = [tokenizer("What is 3 + 5?")["input_ids"]]
+    params = SamplingParams(max_new_tokens=8)
+    seen = []
+    for adapted in (zero, small, zero):
+        engine.update_weights(adapted)
+        seen.append(_flat(engine.generate(prompt, n=4, params=params, seed=3)))
+    assert [r.logprobs for r in seen[0]] == [r.logprobs for r in seen[2]]  # reproducible
+    assert [r.logprobs for r in seen[1]] != [r.logprobs for r in seen[0]], "update lost"
+
+
+def _student_of(folder: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder).eval()
+
+
 def test_first_token_distribution_agrees_with_hf_engine(engine, student, tokenizer, prompts):
     """Both engines draw from the same distribution (chi-square over the top tokens).
 
@@ -360,6 +426,19 @@ def _vllm_run_overrides(out: Path, model_dir: Path, *extra: str) -> list[str]:
         "train.save_all_rollouts=true",
         *extra,
     ]
+
+
+def test_lora_training_run_samples_from_the_served_adapter(tmp_path, student_dir):
+    """A LoRA student with vLLM serving its adapter: after step 1's update, step 2's
+    rollouts come from the updated student (what its own forward says of their tokens)."""
+    pytest.importorskip("peft")
+    out = _train(
+        _vllm_run_overrides(tmp_path, student_dir, "model.lora.r=4", "optim.lr=0.05"), processes=1
+    )
+    assert "rounds updates" not in out  # no merged-weight warning
+    steps = [s for s in _jsonl(tmp_path / "run" / "metrics.jsonl") if "time/weight_push" in s]
+    assert [s["time/weight_push"] > 1e-3 for s in steps] == [True, True]
+    assert all(s["rollout/logprob_mismatch"] < TOL for s in steps)
 
 
 @pytest.fixture(scope="module")

@@ -196,6 +196,16 @@ def effective_parameters(
     yield from walk(base_model(model), "")
 
 
+def adapter_state(model: Any) -> tuple[Any, dict[str, Tensor]]:
+    """The active adapter of a PEFT model as it is saved: its `LoraConfig` and its tensors
+    under PEFT's file names (``...q_proj.lora_A.weight``), detached, in their trained
+    dtype; what a saved ``adapter/`` folder holds, without writing one."""
+    peft = _peft()
+    name = model.active_adapter
+    state = peft.get_peft_model_state_dict(model, adapter_name=name)
+    return model.peft_config[name], {key: value.detach() for key, value in state.items()}
+
+
 def plain_buffers(model: Any) -> Iterator[tuple[str, Tensor]]:
     """The student's buffers under plain-model names (PEFT's ``.base_layer`` removed)."""
     for name, buffer in base_model(model).named_buffers():

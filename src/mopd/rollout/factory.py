@@ -15,10 +15,10 @@ if TYPE_CHECKING:
 __all__ = ["build_engine", "rounds_merged_updates"]
 
 ROUNDED_PUSH = (
-    "rollout.engine=vllm with a {dtype} LoRA student: vLLM receives the merged weights "
-    "W + s·B·A in {dtype}, which round updates below a weight's rounding step away, so it "
-    "samples from behind the student (see rollout/logprob_mismatch); model.dtype=float32 "
-    "avoids the rounding, and rollout.engine=hf samples the student itself"
+    "rollout.engine=vllm with rollout.vllm_lora=false and a {dtype} LoRA student: vLLM "
+    "receives the merged weights W + s·B·A in {dtype}, which round updates below a weight's "
+    "rounding step away, so it samples from behind the student (see "
+    "rollout/logprob_mismatch); rollout.vllm_lora=true serves the adapter itself"
 )
 
 
@@ -50,7 +50,8 @@ def build_engine(
     Args:
         config: the `rollout` section.
         student: the training model (a PEFT wrapper with LoRA); the hf engine samples from
-            it directly, the vLLM engine gets a copy of its effective weights.
+            it directly, the vLLM engine gets its adapter (`config.vllm_lora`) or a copy of
+            its effective weights.
         tokenizer: the student's tokenizer.
         model_path: the Hugging Face folder (or Hub id) the student's weights came from;
             vLLM builds its model and tokenizer from it.
@@ -72,8 +73,11 @@ def build_engine(
         )
     if config.engine != "vllm":
         raise ConfigError(f"rollout.engine: got {config.engine!r}, expected 'hf' or 'vllm'")
+    from mopd.models.lora import is_adapted
+
     dtype = next(p.dtype for p in student.parameters())
-    if rounds_merged_updates(student):
+    serve_adapter = config.vllm_lora and is_adapted(student)
+    if not serve_adapter and rounds_merged_updates(student):
         warnings.warn(ROUNDED_PUSH.format(dtype=str(dtype).removeprefix("torch.")), stacklevel=2)
     from mopd.rollout.vllm import DTYPE_NAMES, VLLMRolloutEngine
 
@@ -88,9 +92,17 @@ def build_engine(
         max_model_len=config.vllm_max_model_len,
         seed=seed,
         external_launcher=world_size > 1,
+        lora_rank=_adapter_rank(student) if serve_adapter else None,
     )
     # The folder holds the base weights; a resumed LoRA student (or any student changed
     # since it was loaded) differs, so the engine starts from the student itself. A sharded
     # student's weights are gathered for it, collectively, on every process.
     engine.update_weights(student)
     return engine
+
+
+def _adapter_rank(student: Any) -> int:
+    """The rank vLLM must hold for `student`'s active adapter (its largest, with PEFT's
+    per-module ranks)."""
+    config = student.peft_config[student.active_adapter]
+    return max([int(config.r), *(int(r) for r in (config.rank_pattern or {}).values())])

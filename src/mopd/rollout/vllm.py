@@ -30,6 +30,15 @@ so it also works on the CPU backend, whose linear layers are repacked after load
 model's own ``load_weights`` alone fails there). The seconds of the last push are kept in
 `last_push_seconds` and logged; the training step times the call as ``time/weight_push``.
 
+Adapter serving (`lora_rank`). A merged push stores ``W + s·B·A`` in the weights' dtype,
+and in bf16 an update below half a weight's rounding step rounds back to ``W``: vLLM would
+sample from behind the student. With `lora_rank` the engine is built with vLLM's LoRA
+support and keeps the base weights it loaded (the student's frozen base); a push writes
+the student's adapter (PEFT's safetensors format, the trained float32 factors) to a
+folder of its own and registers it as a new `LoRARequest` that every later request
+carries, dropping the previous one. vLLM then adds ``s·B·(A·x)`` to each adapted layer's
+output, so the update is never rounded into the base weight.
+
 Several training processes (torchrun, `external_launcher=True`). Every process builds
 its own engine with ``distributed_executor_backend="external_launcher"`` and tensor
 parallel size 1. vLLM then takes ``RANK``/``LOCAL_RANK`` from the environment, finds the
@@ -62,8 +71,11 @@ import contextlib
 import logging
 import os
 import random
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -144,6 +156,8 @@ class VLLMRolloutEngine:
             vLLM joins the job's default process group instead of opening its own (see
             "Several training processes" above); every process must build its engine at
             the same point, as the constructor runs collectives.
+        lora_rank: serve a LoRA student's adapter of this rank unmerged (see "Adapter
+            serving"); None pushes full (merged) weights.
     """
 
     def __init__(
@@ -158,6 +172,7 @@ class VLLMRolloutEngine:
         eos_token_ids: Sequence[int] | None = None,
         seed: int = 0,
         external_launcher: bool = False,
+        lora_rank: int | None = None,
     ) -> None:
         if not 0 < memory_fraction < 1:
             raise ValueError(f"memory_fraction must be in (0, 1), got {memory_fraction!r}")
@@ -186,6 +201,12 @@ class VLLMRolloutEngine:
             kwargs["enable_chunked_prefill"] = False
         else:
             kwargs["gpu_memory_utilization"] = memory_fraction
+        self.serves_adapters = lora_rank is not None
+        self._adapter: Any = None  # the registered LoRARequest of the last push
+        self._adapter_root: tempfile.TemporaryDirectory[str] | None = None
+        if lora_rank is not None:
+            kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=_vllm_lora_rank(lora_rank))
+            self._adapter_root = tempfile.TemporaryDirectory(prefix="mopd-vllm-adapter-")
         launcher = contextlib.ExitStack()
         if external_launcher:
             kwargs.update(_external_launcher_kwargs(launcher))
@@ -214,25 +235,64 @@ class VLLMRolloutEngine:
 
     # ------------------------------------------------------------------ weights
     def update_weights(self, model: Any) -> None:
-        """Copy `model`'s current effective weights (merged LoRA) into the engine."""
+        """Copy `model`'s current effective weights into the engine: its adapter when the
+        engine serves adapters, else every weight (LoRA merged)."""
         from mopd.models.lora import effective_parameters
         from mopd.models.sharding import is_sharded, reshard
 
         t0 = time.perf_counter()
         if is_sharded(model):
             reshard(model)  # read the shards, not parameters a forward left gathered
-        with torch.no_grad():
-            self.llm.collective_rpc(
-                "reload_weights",
-                kwargs={
-                    "weights_iterator": _full_tensors(effective_parameters(model)),
-                    "is_checkpoint_format": True,
-                },
-            )
-        self.llm.apply_model(_refresh_tied_output_layers)
+        if self.serves_adapters:
+            self._push_adapter(model)
+        else:
+            self._push_weights(effective_parameters(model))
         self.llm.reset_prefix_cache()  # KV of the old weights must not be reused
         self.last_push_seconds = time.perf_counter() - t0
         logger.info("pushed weights to vLLM in %.2f s", self.last_push_seconds)
+
+    def _push_weights(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
+        with torch.no_grad():
+            self.llm.collective_rpc(
+                "reload_weights",
+                kwargs={"weights_iterator": _full_tensors(weights), "is_checkpoint_format": True},
+            )
+        self.llm.apply_model(_refresh_tied_output_layers)
+
+    def _push_adapter(self, model: Any) -> None:
+        """Register `model`'s current adapter as a new LoRA and drop the previous one."""
+        from vllm.lora.request import LoRARequest
+
+        from mopd.models.lora import adapter_state, is_adapted
+
+        if not is_adapted(model):
+            raise ValueError(
+                "this vLLM engine serves LoRA adapters (lora_rank set) but the model has none"
+            )
+        assert self._adapter_root is not None
+        lora_id = 1 if self._adapter is None else self._adapter.lora_int_id + 1
+        folder = Path(self._adapter_root.name) / f"push-{lora_id}"
+        config, tensors = adapter_state(model)
+        folder.mkdir()
+        config.save_pretrained(str(folder))
+        from safetensors.torch import save_file
+
+        save_file(
+            {name: t.contiguous() for name, t in _full_tensors(iter(tensors.items()))},
+            str(folder / "adapter_model.safetensors"),
+        )
+        adapter = LoRARequest(f"student-{lora_id}", lora_id, str(folder))
+        try:
+            self.llm.llm_engine.add_lora(adapter)  # loaded now, so the push time includes it
+        except Exception as err:
+            raise ValueError(
+                f"vLLM could not load the student's adapter ({err}); set "
+                "rollout.vllm_lora=false to push merged weights instead"
+            ) from err
+        if self._adapter is not None:
+            self.llm.llm_engine.remove_lora(self._adapter.lora_int_id)
+            shutil.rmtree(self._adapter.lora_path, ignore_errors=True)
+        self._adapter = adapter
 
     # ------------------------------------------------------------------ sampling
     def generate(
@@ -273,7 +333,9 @@ class VLLMRolloutEngine:
         self.llm.reset_prefix_cache()
         cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=cuda):  # vLLM also draws from the global RNG
-            outputs = self.llm.generate(requests, sampling, use_tqdm=False)
+            outputs = self.llm.generate(
+                requests, sampling, use_tqdm=False, lora_request=self._adapter
+            )
         flat = [self._to_rollout(out.outputs[0]) for out in outputs]
         rows_done(len(flat))
         return [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
@@ -292,6 +354,26 @@ class VLLMRolloutEngine:
             # that has one, so this equals "no EOS" as in the hf engine.
             truncated=completion.finish_reason == "length" and eos_at is None,
         )
+
+
+def _vllm_lora_rank(rank: int) -> int:
+    """The smallest ``max_lora_rank`` vLLM accepts that holds an adapter of `rank` (vLLM
+    takes a fixed list of sizes, read from its `MaxLoRARanks` where it has one)."""
+    import typing
+
+    try:
+        from vllm.config.lora import MaxLoRARanks
+
+        allowed = sorted(int(r) for r in typing.get_args(MaxLoRARanks))
+    except ImportError:  # pragma: no cover - older vLLM
+        allowed = [8, 16, 32, 64, 128, 256, 320, 512]
+    fits = [r for r in allowed if r >= rank]
+    if not fits:
+        raise ValueError(
+            f"vLLM serves LoRA ranks up to {allowed[-1]}, the student's is {rank}: lower "
+            "model.lora.r or set rollout.vllm_lora=false to push merged weights"
+        )
+    return fits[0]
 
 
 def _external_launcher_kwargs(stack: contextlib.ExitStack) -> dict[str, Any]:
