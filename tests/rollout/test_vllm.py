@@ -266,7 +266,19 @@ def test_lora_engine_samples_from_the_served_adapter_and_follows_each_push(
         lora_engine.update_weights(student)
 
 
-def test_bf16_lora_engine_keeps_an_update_the_merged_weights_round_away(student_dir, tokenizer):
+@pytest.fixture(scope="module")
+def bf16_lora_engine(student_dir, tokenizer) -> VLLMRolloutEngine:
+    """Module-scoped like the others: an engine freed mid-module tears down vLLM's
+    process-wide parallel groups, which the other engines still use."""
+    pytest.importorskip("peft")
+    return VLLMRolloutEngine(
+        str(student_dir), tokenizer, dtype="bfloat16", memory_fraction=0.02, lora_rank=4
+    )
+
+
+def test_bf16_lora_engine_keeps_an_update_the_merged_weights_round_away(
+    bf16_lora_engine, student_dir, tokenizer
+):
     """The reason to serve adapters: B·A below half a bf16 weight's rounding step."""
     pytest.importorskip("peft")
     from mopd.models.lora import effective_parameters
@@ -276,10 +288,10 @@ def test_bf16_lora_engine_keeps_an_update_the_merged_weights_round_away(student_
     merged = dict(effective_parameters(small))
     layers = [(n, p) for n, p in base.named_parameters() if n.endswith("proj.weight")]
     kept = sum(int(torch.eq(merged[n], p).sum()) for n, p in layers)
-    assert kept > 0.9 * sum(p.numel() for _, p in layers), "the merge kept most of the update"
-    engine = VLLMRolloutEngine(
-        str(student_dir), tokenizer, dtype="bfloat16", memory_fraction=0.02, lora_rank=4
+    assert kept > 0.9 * sum(p.numel() for _, p in layers), (
+        "the merge kept the update on more than 10% of entries"
     )
+    engine = bf16_lora_engine
     prompt = [tokenizer("What is 3 + 5?")["input_ids"]]
     params = SamplingParams(max_new_tokens=8)
     seen = []
