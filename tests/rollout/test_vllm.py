@@ -230,6 +230,14 @@ def test_update_weights_pushes_merged_lora_weights(engine, student, prompts, pus
     assert _max_error(student, prompts, groups, 1.0) > 0.1
 
 
+def test_lora_rank_is_rounded_up_to_a_size_vllm_serves():
+    from mopd.rollout.vllm import _vllm_lora_rank
+
+    assert [_vllm_lora_rank(r) for r in (1, 4, 8, 16, 17)] == [1, 8, 8, 16, 32]
+    with pytest.raises(ValueError, match=r"model\.lora\.r or set rollout\.vllm_lora=false"):
+        _vllm_lora_rank(4096)
+
+
 def _adapted(student, seed: int, b_scale: float):
     """`student` with rank-4 adapters on every block projection, B drawn at `b_scale`."""
     from mopd.models.lora import add_lora

@@ -261,6 +261,7 @@ class VLLMRolloutEngine:
 
     def _push_adapter(self, model: Any) -> None:
         """Register `model`'s current adapter as a new LoRA and drop the previous one."""
+        from safetensors.torch import save_file
         from vllm.lora.request import LoRARequest
 
         from mopd.models.lora import adapter_state, is_adapted
@@ -275,8 +276,6 @@ class VLLMRolloutEngine:
         config, tensors = adapter_state(model)
         folder.mkdir()
         config.save_pretrained(str(folder))
-        from safetensors.torch import save_file
-
         save_file(
             {name: t.contiguous() for name, t in _full_tensors(iter(tensors.items()))},
             str(folder / "adapter_model.safetensors"),
