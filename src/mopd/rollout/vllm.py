@@ -281,8 +281,9 @@ class VLLMRolloutEngine:
         config, tensors = adapter_state(model)
         folder.mkdir()
         config.save_pretrained(str(folder))
+        # Replicated, never sharded: fsdp with LoRA adapters is refused by the config.
         save_file(
-            {name: t.contiguous() for name, t in _full_tensors(iter(tensors.items()))},
+            {name: t.contiguous() for name, t in tensors.items()},
             str(folder / "adapter_model.safetensors"),
         )
         adapter = LoRARequest(f"student-{lora_id}", lora_id, str(folder))

@@ -117,10 +117,10 @@ def install() -> bool:
         return True
     try:
         modules = [importlib.import_module(name) for name in MODULES]
+        found = all(hasattr(module, name) for module in modules for name in FAST)
     except ImportError:
-        logger.info("vLLM's CPU LoRA ops are not where expected; using them unchanged")
-        return False
-    if not all(hasattr(module, name) for module in modules for name in FAST):
+        found = False
+    if not found:
         logger.info("vLLM's CPU LoRA ops are not where expected; using them unchanged")
         return False
     _originals.update({name: getattr(modules[0], name) for name in FAST})
