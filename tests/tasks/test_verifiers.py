@@ -116,6 +116,25 @@ def test_humaneval_canonical_solution_passes_and_a_wrong_one_fails():
     assert task.verify(problem, "```python\n    return False\n```").reward == 0.0
 
 
+def test_humaneval_without_docstring_asks_for_it_and_verifies_a_bare_function():
+    task = build_task("code", {"source": "humaneval", "restate_docstring": False})
+    full = build_task("code", {"source": "humaneval"})
+    problem, same = task.train_problems()[0], full.train_problems()[0]
+    assert problem.id == same.id and problem.meta == same.meta
+    asked, default = problem.messages[0]["content"], same.messages[0]["content"]
+    assert "without its docstring" in asked and "without its docstring" not in default
+    assert asked.split("\n\n", 1)[1] == default.split("\n\n", 1)[1]  # same code shown
+    # the signature's `List` comes from the prompt's imports, which the verifier adds
+    bare = (
+        "```python\ndef has_close_elements(numbers: List[float], threshold: float) -> bool:\n"
+        "    return any(abs(a - b) < threshold for i, a in enumerate(numbers)"
+        " for b in numbers[i + 1:])\n```"
+    )
+    assert task.verify(problem, bare).reward == 1.0
+    with pytest.raises(ValueError, match="restate_docstring must be true or false"):
+        build_task("code", {"source": "humaneval", "restate_docstring": "no"})
+
+
 def test_extract_code_prefers_the_last_python_block_and_runs_truncated_ones():
     text = "```python\nA\n```\n```text\nB\n```\n```python\nC\n```"
     assert extract_code(text).strip() == "C"

