@@ -238,12 +238,14 @@ def test_lora_rank_is_rounded_up_to_a_size_vllm_serves():
         _vllm_lora_rank(4096)
 
 
-def _adapted(student, seed: int, b_scale: float):
-    """`student` with rank-4 adapters on every block projection, B drawn at `b_scale`."""
+def _adapted(student, seed: int, b_scale: float, r: int = 4):
+    """`student` with rank-`r` adapters on every block projection, B drawn at `b_scale`."""
     from mopd.models.lora import add_lora
 
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    adapted = add_lora(copy.deepcopy(student), r=4, alpha=8.0, target_modules=targets, seed=seed)
+    adapted = add_lora(
+        copy.deepcopy(student), r=r, alpha=2.0 * r, target_modules=targets, seed=seed
+    )
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in adapted.named_parameters():
@@ -272,6 +274,41 @@ def test_lora_engine_samples_from_the_served_adapter_and_follows_each_push(
         assert set(lora_engine.llm.llm_engine.list_loras()) == {lora_engine._adapter.lora_int_id}
     with pytest.raises(ValueError, match="has none"):
         lora_engine.update_weights(student)
+
+
+def test_an_adapter_vllm_refuses_names_the_setting_and_leaves_the_engine_usable(
+    lora_engine, student, prompts
+):
+    root = Path(lora_engine._adapter_root.name)
+    before = sorted(root.iterdir())
+    too_wide = _adapted(student, 0, b_scale=0.5, r=16)  # the engine serves ranks up to 8
+    with pytest.raises(ValueError, match=r"rollout\.vllm_lora=false") as caught:
+        lora_engine.update_weights(too_wide)
+    assert "rank" in str(caught.value)
+    assert sorted(root.iterdir()) == before, "the refused push left its folder"
+    adapted = _adapted(student, 2, b_scale=0.5)  # the next push reuses the refused id
+    lora_engine.update_weights(adapted)
+    groups = lora_engine.generate(prompts, n=2, params=SamplingParams(max_new_tokens=4), seed=1)
+    assert _max_error(adapted, prompts, groups, 1.0) < TOL
+
+
+def test_a_model_vllm_cannot_serve_adapters_for_names_the_setting(
+    student_dir, tokenizer, monkeypatch
+):
+    import vllm
+
+    def refuse(message: str):
+        def build(*args, **kwargs):
+            raise ValueError(message)
+
+        return build
+
+    monkeypatch.setattr(vllm, "LLM", refuse("TinyForCausalLM does not support LoRA yet."))
+    with pytest.raises(ValueError, match=r"does not support LoRA yet\.\); set rollout\.vllm_lora"):
+        VLLMRolloutEngine(str(student_dir), tokenizer, memory_fraction=0.02, lora_rank=4)
+    monkeypatch.setattr(vllm, "LLM", refuse("max_model_len is too large"))
+    with pytest.raises(ValueError, match=r"^max_model_len is too large$"):  # not about LoRA
+        VLLMRolloutEngine(str(student_dir), tokenizer, memory_fraction=0.02, lora_rank=4)
 
 
 @pytest.fixture(scope="module")

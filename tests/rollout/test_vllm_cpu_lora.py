@@ -40,9 +40,23 @@ INDICES = {
 }
 
 
+def _counted_products(monkeypatch) -> list[int]:
+    """Calls of the fast path's matrix product from here on."""
+    calls: list[int] = []
+    product = vllm_cpu_lora._product
+
+    def counted(*args):
+        calls.append(1)
+        return product(*args)
+
+    monkeypatch.setattr(vllm_cpu_lora, "_product", counted)
+    return calls
+
+
 @pytest.mark.parametrize("case", list(INDICES))
-def test_fast_ops_compute_what_vllms_ops_compute(ops, case):
+def test_fast_ops_compute_what_vllms_ops_compute(ops, case, monkeypatch):
     lora_ops, punica_cpu = ops
+    calls = _counted_products(monkeypatch)
     original = vllm_cpu_lora._originals
     idx = INDICES[case]
     x, a, h, b, y = _data(0)
@@ -61,19 +75,14 @@ def test_fast_ops_compute_what_vllms_ops_compute(ops, case):
         lora_ops.bgmv_expand_slice(h, b, got, idx, 3, OUT, add)
         original["bgmv_expand_slice"](h, b, want, idx, 3, OUT, add)
         torch.testing.assert_close(got, want, rtol=1e-2, atol=2e-2)
+    # the one-adapter case is the fast path's (one product per call), the others vLLM's
+    assert len(calls) == (5 if case == "one adapter" else 0)
 
 
 def test_sgmv_ops_reach_the_fast_path(ops, monkeypatch):
     """vLLM's prefill op (sgmv) calls the bgmv op of its module: the patched one."""
     lora_ops, _ = ops
-    calls = []
-    product = vllm_cpu_lora._product
-
-    def counted(*args):
-        calls.append(1)
-        return product(*args)
-
-    monkeypatch.setattr(vllm_cpu_lora, "_product", counted)
+    calls = _counted_products(monkeypatch)
     x, a, _, _, _ = _data(1)
     out = torch.zeros(TOKENS, RANK)
     starts, lengths, indices = torch.tensor([0, 3]), torch.tensor([3, 4]), torch.tensor([1, 1])

@@ -202,7 +202,9 @@ def adapter_state(model: Any) -> tuple[Any, dict[str, Tensor]]:
     dtype; what a saved ``adapter/`` folder holds, without writing one."""
     peft = _peft()
     name = model.active_adapter
-    state = peft.get_peft_model_state_dict(model, adapter_name=name)
+    # No full embedding matrices: the adapters never resize the vocabulary, and "auto"
+    # would look the base model's config up again (on the Hub, for a Hub id) every call.
+    state = peft.get_peft_model_state_dict(model, adapter_name=name, save_embedding_layers=False)
     return model.peft_config[name], {key: value.detach() for key, value in state.items()}
 
 

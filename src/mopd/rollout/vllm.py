@@ -37,7 +37,8 @@ support and keeps the base weights it loaded (the student's frozen base); a push
 the student's adapter (PEFT's safetensors format, the trained float32 factors) to a
 folder of its own and registers it as a new `LoRARequest` that every later request
 carries, dropping the previous one. vLLM then adds ``s·B·(A·x)`` to each adapted layer's
-output, so the update is never rounded into the base weight. On CPU, `vllm_cpu_lora`
+output, so the update is never rounded into the base weight (vLLM casts the factors to
+the engine's dtype, so a bf16 engine computes that term in bf16, apart from ``W·x``). On CPU, `vllm_cpu_lora`
 computes those products for the one adapter as plain matrix multiplications.
 
 Several training processes (torchrun, `external_launcher=True`). Every process builds
@@ -121,6 +122,26 @@ def _env(name: str, value: str) -> Iterator[None]:
             os.environ.pop(name, None)
         else:
             os.environ[name] = saved
+
+
+_LORA_HINT = "set rollout.vllm_lora=false to push merged weights instead"
+
+
+@contextlib.contextmanager
+def _lora_hint(active: bool, *, any_refusal: bool = False) -> Iterator[None]:
+    """Name the setting that avoids LoRA serving in vLLM's refusal of it: a ValueError or
+    NotImplementedError (or vLLM's own client error) that mentions LoRA, or any of them
+    with `any_refusal` (where only the adapter can be the cause). Other errors pass."""
+    from vllm.exceptions import VLLMClientError
+
+    try:
+        yield
+    except (ValueError, NotImplementedError, VLLMClientError) as err:
+        if not active or not (any_refusal or "lora" in str(err).lower()):
+            raise
+        raise ValueError(
+            f"vLLM could not serve the student's LoRA adapter ({err}); {_LORA_HINT}"
+        ) from err
 
 
 @contextlib.contextmanager
@@ -216,7 +237,12 @@ class VLLMRolloutEngine:
         if external_launcher:
             kwargs.update(_external_launcher_kwargs(launcher))
         t0 = time.perf_counter()
-        with launcher, _env("VLLM_ENABLE_V1_MULTIPROCESSING", "0"), _process_state_kept():
+        with (
+            launcher,
+            _env("VLLM_ENABLE_V1_MULTIPROCESSING", "0"),
+            _process_state_kept(),
+            _lora_hint(lora_rank is not None),
+        ):
             self.llm = vllm.LLM(
                 model=str(model_path),
                 tokenizer=str(model_path),
@@ -279,21 +305,20 @@ class VLLMRolloutEngine:
         lora_id = 1 if self._adapter is None else self._adapter.lora_int_id + 1
         folder = Path(self._adapter_root.name) / f"push-{lora_id}"
         config, tensors = adapter_state(model)
-        folder.mkdir()
-        config.save_pretrained(str(folder))
-        # Replicated, never sharded: fsdp with LoRA adapters is refused by the config.
-        save_file(
-            {name: t.contiguous() for name, t in tensors.items()},
-            str(folder / "adapter_model.safetensors"),
-        )
         adapter = LoRARequest(f"student-{lora_id}", lora_id, str(folder))
         try:
-            self.llm.llm_engine.add_lora(adapter)  # loaded now, so the push time includes it
-        except Exception as err:
-            raise ValueError(
-                f"vLLM could not load the student's adapter ({err}); set "
-                "rollout.vllm_lora=false to push merged weights instead"
-            ) from err
+            folder.mkdir()
+            config.save_pretrained(str(folder))
+            # Replicated, never sharded: fsdp with LoRA adapters is refused by the config.
+            save_file(
+                {name: t.contiguous() for name, t in tensors.items()},
+                str(folder / "adapter_model.safetensors"),
+            )
+            with _lora_hint(True, any_refusal=True):
+                self.llm.llm_engine.add_lora(adapter)  # loaded now: the push time includes it
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)  # a retry starts from a clean slate
+            raise
         if self._adapter is not None:
             self.llm.llm_engine.remove_lora(self._adapter.lora_int_id)
             shutil.rmtree(self._adapter.lora_path, ignore_errors=True)
