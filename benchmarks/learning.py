@@ -583,9 +583,22 @@ def _claim(run: Run) -> tuple[Run, Any] | None:
     return run, handle
 
 
+def _head() -> str | None:
+    """The checked-out commit (short), or None outside a git checkout."""
+    head = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE
+    )
+    return head.stdout.strip() or None
+
+
 def execute(run: Run) -> None:
     record: dict[str, Any] = {"setting": run.setting, "method": run.method, "lr": run.lr}
     record["seed"] = run.seed
+    # The commit the run started from (kept across resumes): the code that trained it.
+    started = run.run_dir / "commit"
+    if not started.exists():
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        started.write_text(f"{_head() or ''}\n")
     if run.method == "base":
         run.run_dir.mkdir(parents=True, exist_ok=True)
         model, record["train_wall_s"], record["validation"] = round_of(run.setting).model, 0.0, []
@@ -604,8 +617,9 @@ def execute(run: Run) -> None:
         record["test_model"] = Path(model).name
     record["test_wall_s"], record["test"] = _test_eval(run, model)
     record["load_average"] = os.getloadavg()
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    record["commit"] = head.stdout.strip() or None
+    record["commit"] = started.read_text().strip() or None
+    if (tested := _head()) != record["commit"]:  # the checkout moved on during the run
+        record["commit_tested"] = tested
     record["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     run.record.parent.mkdir(parents=True, exist_ok=True)
     tmp = run.record.with_suffix(".tmp")

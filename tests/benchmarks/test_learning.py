@@ -356,8 +356,10 @@ def test_a_run_is_tested_on_its_adapter_when_it_has_one(learning, monkeypatch, t
     monkeypatch.setattr(learning, "_train", lambda r: (1.0, [], {}))
     tested = []
     monkeypatch.setattr(learning, "_test_eval", lambda r, m: tested.append(m) or (2.0, {}))
+    (run.run_dir / "commit").write_text("abc1234\n")  # where it started, before a resume
     learning.execute(run)
     record = json.loads(run.record.read_text())
+    assert record["commit"] == "abc1234" and record["commit_tested"] == learning._head()
     assert tested == [str(final / ("adapter" if lora else "student"))]
     assert record["test_model"] == ("adapter" if lora else "student")
     # The checkpoints go; the adapter stays for later analysis, beside the run folders.
