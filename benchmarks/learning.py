@@ -600,7 +600,6 @@ def execute(run: Run) -> None:
         run.run_dir.mkdir(parents=True, exist_ok=True)
         started.write_text(f"{_head() or ''}\n")
     if run.method == "base":
-        run.run_dir.mkdir(parents=True, exist_ok=True)
         model, record["train_wall_s"], record["validation"] = round_of(run.setting).model, 0.0, []
     else:
         trained = run.run_dir / "trained.json"  # a retry after a failed test eval skips training

@@ -38,8 +38,9 @@ the student's adapter (PEFT's safetensors format, the trained float32 factors) t
 folder of its own and registers it as a new `LoRARequest` that every later request
 carries, dropping the previous one. vLLM then adds ``s·B·(A·x)`` to each adapted layer's
 output, so the update is never rounded into the base weight (vLLM casts the factors to
-the engine's dtype, so a bf16 engine computes that term in bf16, apart from ``W·x``). On CPU, `vllm_cpu_lora`
-computes those products for the one adapter as plain matrix multiplications.
+the engine's dtype, so a bf16 engine computes that term in bf16, apart from ``W·x``). On
+CPU, `vllm_cpu_lora` computes those products for the one adapter as plain matrix
+multiplications.
 
 Several training processes (torchrun, `external_launcher=True`). Every process builds
 its own engine with ``distributed_executor_backend="external_launcher"`` and tensor
